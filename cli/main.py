@@ -1,0 +1,85 @@
+"""The `cascade` command line: one entry point over `models` and `services`.
+
+Typer builds the commands; this module runs them with click's standalone mode off so that
+every user error (usage errors included) becomes one line on stderr and exit code 2, never a
+boxed panel or a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from cli.errors import CliError
+
+app = typer.Typer(
+    name="cascade",
+    help="Cascade: multi-stage online ad serving (recall -> screen -> pre-rank -> rank -> auction).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+USER_ERRORS: tuple[type[BaseException], ...] = (CliError, ValueError, FileNotFoundError,
+                                                 NotADirectoryError, PermissionError)
+
+
+COMMAND_MODULES = (
+    "cli.commands_data",  # simulate, import-aliccp
+    "cli.commands_store",  # load-store
+    "cli.commands_models",  # train, eval, funnel
+    "cli.commands_serve",  # serve
+    "cli.commands_bench",  # bench stages, bench e2e
+    "cli.commands_stack",  # stack up|down|status
+)
+
+
+def _register_commands() -> None:
+    """Import the command modules; each adds its commands to `app`."""
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency, not a module not yet written
+                raise
+
+
+def _fail(message: str, code: int = 2) -> None:
+    line = " ".join(str(message).split())
+    print(f"cascade: error: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    _register_commands()
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="cascade", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError:
+        sys.exit(0)
+    except click.UsageError as exc:
+        hint = f" (see 'cascade {exc.ctx.command_path.partition(' ')[2]} --help')".replace(
+            "cascade  ", "cascade ") if exc.ctx else ""
+        _fail(f"{exc.format_message()}{hint}")
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        _fail(exc.format_message())
+    except USER_ERRORS as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
+        _fail(f"internal error: {type(exc).__name__}: {exc}", 1)
+    if isinstance(rv, int) and rv:
+        sys.exit(rv)
+
+
+if __name__ == "__main__":
+    run()

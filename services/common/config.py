@@ -1,0 +1,73 @@
+"""One settings object for every service, read from the environment (and optionally a file).
+
+Code deep in the request path never reads os.environ: it receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment configuration. Field names mirror the documented environment variables."""
+
+    redis_url: str | None = None  # REDIS_URL; None -> in-process store and event log
+    redis_prefix: str = "cascade:"  # CASCADE_REDIS_PREFIX
+    bundle: str | None = None  # CASCADE_BUNDLE: a version dir or a BUNDLES root
+    data: str | None = None  # CASCADE_DATA: a marketplace dir to fill the in-process store
+    api_key: str | None = None  # CASCADE_API_KEY
+    admin_key: str | None = None  # CASCADE_ADMIN_KEY
+    auth: bool = True  # CASCADE_AUTH=off disables keys (demo only)
+    token_secret: str | None = None  # CASCADE_TOKEN_SECRET
+    retrieval_url: str | None = None  # CASCADE_RETRIEVAL_URL; None -> in-process
+    prerank_url: str | None = None  # CASCADE_PRERANK_URL
+    rank_url: str | None = None  # CASCADE_RANK_URL
+    budget_ms: float = 50.0  # CASCADE_BUDGET_MS: default request budget
+    torch_threads: int = 1  # CASCADE_TORCH_THREADS
+    faiss_threads: int = 1  # CASCADE_FAISS_THREADS
+    extra: dict[str, Any] = field(default_factory=dict)  # file-only settings for stages
+
+    @classmethod
+    def from_env(cls, file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Environment first, then a JSON settings file (CASCADE_CONFIG), then overrides."""
+        base: dict[str, Any] = {}
+        path = file or _env("CASCADE_CONFIG")
+        if path:
+            base = json.loads(Path(path).read_text())
+            known = {f.name for f in fields(cls)}
+            unknown = set(base) - known
+            if unknown:
+                raise ValueError(f"settings file {path}: unknown keys {sorted(unknown)}")
+        auth = (_env("CASCADE_AUTH", "on") or "on").lower() not in ("off", "0", "false", "no")
+        env = {
+            "redis_url": _env("REDIS_URL"),
+            "redis_prefix": _env("CASCADE_REDIS_PREFIX", "cascade:"),
+            "bundle": _env("CASCADE_BUNDLE"),
+            "data": _env("CASCADE_DATA"),
+            "api_key": _env("CASCADE_API_KEY"),
+            "admin_key": _env("CASCADE_ADMIN_KEY"),
+            "auth": auth,
+            "token_secret": _env("CASCADE_TOKEN_SECRET"),
+            "retrieval_url": _env("CASCADE_RETRIEVAL_URL"),
+            "prerank_url": _env("CASCADE_PRERANK_URL"),
+            "rank_url": _env("CASCADE_RANK_URL"),
+            "budget_ms": float(_env("CASCADE_BUDGET_MS", "50") or 50),
+            "torch_threads": int(_env("CASCADE_TORCH_THREADS", "1") or 1),
+            "faiss_threads": int(_env("CASCADE_FAISS_THREADS", "1") or 1),
+        }
+        merged = {**base, **{k: v for k, v in env.items() if v is not None}}
+        merged.update(overrides)
+        return cls(**merged)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
