@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # recent typer vendors its own click; older releases use the click package
+    from typer._click import exceptions as click_errors  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 
 from cli.errors import CliError
 
@@ -25,6 +29,21 @@ app = typer.Typer(
 
 USER_ERRORS: tuple[type[BaseException], ...] = (CliError, ValueError, FileNotFoundError,
                                                  NotADirectoryError, PermissionError)
+
+
+@app.callback()
+def _root() -> None:
+    """Cascade: multi-stage online ad serving (recall -> screen -> pre-rank -> rank -> auction)."""
+
+
+@app.command()
+def version() -> None:
+    """Print the Cascade version and the built-in feature schema's hash."""
+    from importlib.metadata import version as dist_version
+
+    from models.features import load_schema
+
+    print(f"cascade {dist_version('cascade-ads')}  schema {load_schema().sha256[:12]}")
 
 
 COMMAND_MODULES = (
@@ -61,15 +80,16 @@ def run(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="cascade", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError:
+    except click_errors.NoArgsIsHelpError as exc:
+        if exc.ctx is not None:
+            print(exc.ctx.get_help())
         sys.exit(0)
-    except click.UsageError as exc:
-        hint = f" (see 'cascade {exc.ctx.command_path.partition(' ')[2]} --help')".replace(
-            "cascade  ", "cascade ") if exc.ctx else ""
-        _fail(f"{exc.format_message()}{hint}")
-    except click.exceptions.Abort:
+    except click_errors.UsageError as exc:
+        path = exc.ctx.command_path if exc.ctx else "cascade"
+        _fail(f"{exc.format_message()} (see '{path} --help')")
+    except click_errors.Abort:
         _fail("aborted", 130)
-    except click.ClickException as exc:
+    except click_errors.ClickException as exc:
         _fail(exc.format_message())
     except USER_ERRORS as exc:
         _fail(str(exc))
