@@ -20,7 +20,6 @@ from cli.errors import CliError
 
 app = typer.Typer(
     name="cascade",
-    help="Cascade: multi-stage online ad serving (recall -> screen -> pre-rank -> rank -> auction).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -73,7 +73,8 @@ class Feature:
 
     def encode_one(self, raw: Any) -> int:
         """Encode a single raw value (serving path for scalar context features)."""
-        return int(self.encode(np.asarray([raw], dtype=object if self.kind == "vocab" else None))[0])
+        dtype = object if self.kind == "vocab" else None
+        return int(self.encode(np.asarray([raw], dtype=dtype))[0])
 
 
 @dataclass(frozen=True)
