@@ -86,7 +86,7 @@ def run(argv: list[str] | None = None) -> None:
     except click_errors.UsageError as exc:
         path = exc.ctx.command_path if exc.ctx else "cascade"
         _fail(f"{exc.format_message()} (see '{path} --help')")
-    except click_errors.Abort:
+    except getattr(click_errors, "Abort", typer.Abort):  # typer 0.29 keeps Abort in typer
         _fail("aborted", 130)
     except click_errors.ClickException as exc:
         _fail(exc.format_message())

@@ -1,0 +1,113 @@
+"""`cascade train` and `cascade eval`: offline models, bundles and their quality figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.main import app
+from cli.progress import RichProgress
+
+console = Console()
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="Marketplace dataset directory."),
+    out: Path = typer.Option(..., "--out", help="BUNDLES root; a new version directory is written "
+                             "there and BUNDLES/current is switched to it."),
+    models: str = typer.Option("all", "--models", help="Comma-separated subset of two_tower, dqm, "
+                               "din_esmm, qscore, base, cvr_base."),
+    epochs: int = typer.Option(3, "--epochs", min=1, help="Maximum epochs (early stopping on "
+                               "validation loss may stop sooner)."),
+    batch_size: int = typer.Option(2048, "--batch-size", min=16),
+    max_rows: int = typer.Option(0, "--max-rows", min=0, help="Train on the earliest N "
+                                 "impressions only (0 = all)."),
+    sample_rows: int = typer.Option(0, "--sample-rows", min=0, help="Sample at most N training "
+                                    "rows per model per epoch (0 = all)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("", "--device", help="cpu or cuda (default: CUDA when present)."),
+    flat_below: int = typer.Option(50_000, "--flat-below", min=1, help="Exact faiss index below "
+                                   "this many ads, IVF above."),
+) -> None:
+    """Train every model on a time split and publish one bundle."""
+    from models.train.loop import FitConfig
+    from models.train.trainer import TrainOptions, parse_models
+    from models.train.trainer import train as run_train
+    from services.retrieval.index import build_index_file
+
+    options = TrainOptions(
+        models=parse_models(models),
+        fit=FitConfig(epochs=epochs, batch_size=batch_size, seed=seed,
+                      max_train_rows=sample_rows or None),
+        max_rows=max_rows or None,
+        device=device or None,
+    )
+    writer, info = run_train(data, out, options, RichProgress())
+    try:
+        if "two_tower" in info["vectors"]:
+            spec = build_index_file(writer.staging, info["vectors"]["two_tower"], info["ad_ids"],
+                                    exact_below=flat_below, queries=info.get("user_queries"))
+            writer.manifest["index"] = {"file": "faiss.index", **spec.to_dict()}
+        path = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    console.print(f"bundle {writer.version} -> {path} (current -> {writer.version})")
+    table = Table(title="validation metrics")
+    for col in ("model", "best epoch", "metrics"):
+        table.add_column(col)
+    for name, entry in writer.manifest["models"].items():
+        metrics = ", ".join(f"{k}={v}" for k, v in entry.get("metrics", {}).items())
+        table.add_row(name, str(entry.get("best_epoch", "-")), metrics)
+    console.print(table)
+    if "index" in writer.manifest:
+        idx = writer.manifest["index"]
+        console.print(f"faiss index: {idx['kind']} nlist={idx['nlist']} nprobe={idx['nprobe']} "
+                      f"recall@{idx['k']}={idx['recall_at_k']}")
+
+
+@app.command("eval")
+def eval_command(
+    data: Path = typer.Option(..., "--data", help="The dataset the bundle was trained on."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle version dir or BUNDLES root."),
+    out: Path = typer.Option(..., "--out", help="Metrics JSON file to write."),
+) -> None:
+    """Evaluate every model in a bundle beside the oracle on its recorded test split."""
+    from models.train.evaluate import evaluate
+
+    result = evaluate(data, bundle)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print_metrics(result)
+    console.print(f"wrote {out}")
+
+
+def print_metrics(result: dict) -> None:
+    rows = {"oracle": result.get("oracle", {}), **result["models"]}
+    keys = sorted({k for m in rows.values() for k in m}, key=_metric_order)
+    table = Table(title=f"test split: {result['rows']} impressions (bundle {result['bundle']})")
+    table.add_column("model")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for name, metrics in rows.items():
+        table.add_row(name, *[_fmt(metrics.get(k)) for k in keys])
+    console.print(table)
+
+
+ORDER = ("ctr_auc", "ctr_gauc", "logloss", "calibration", "cvr_auc", "cvr_fidelity",
+         "cvr_calibration", "ctcvr_auc", "recall@100", "recall@500", "recall@1000")
+
+
+def _metric_order(key: str) -> int:
+    return ORDER.index(key) if key in ORDER else len(ORDER)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"

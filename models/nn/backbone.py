@@ -1,0 +1,139 @@
+"""Ranking backbones: one impression → one dense vector that the prediction towers read.
+
+`DinBackbone` pools the behaviour sequence with target attention (the candidate ad is the
+query); `SumPoolBackbone` sums it (the `base` model). Both embed every feature exactly once per
+forward, so ESMM's two towers share one lookup instead of re-running the tables per tower.
+The vector is [user | pooled behaviour | ad | scene].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from models.features.schema import FeatureSchema
+from models.nn.attention import ActivationUnit
+from models.nn.config import RankerConfig
+from models.nn.layers import Batch, EmbeddingCollection, masked_sum
+
+
+def _query_names(schema: FeatureSchema) -> list[str]:
+    """The ad features the behaviour fields share tables with (the attention query)."""
+    behaviour = schema.group("behaviour")
+    if not behaviour:
+        raise ValueError(f"schema '{schema.name}' has no behaviour features to attend over")
+    ad_names = set(schema.names("ad"))
+    query = []
+    for feat in behaviour:
+        if feat.shares not in ad_names:
+            raise ValueError(
+                f"behaviour feature '{feat.name}' must share the table of an ad feature"
+            )
+        query.append(feat.shares)
+    return query
+
+
+class _RankingInputs(nn.Module):
+    """Names and embeddings shared by both backbones."""
+
+    def __init__(self, schema: FeatureSchema, config: RankerConfig) -> None:
+        super().__init__()
+        self.embeddings = EmbeddingCollection(
+            schema, sparse=config.sparse_embeddings, init_std=config.init_std
+        )
+        self.user_names = schema.names("user")
+        self.behaviour_names = schema.names("behaviour")
+        self.ad_names = schema.names("ad")
+        self.scene_names = schema.names("scene")
+        self.all_names = self.user_names + self.ad_names + self.scene_names + self.behaviour_names
+        self.behaviour_dim = self.embeddings.dim(self.behaviour_names)
+        self.out_dim = (
+            self.embeddings.dim(self.user_names)
+            + self.behaviour_dim
+            + self.embeddings.dim(self.ad_names)
+            + self.embeddings.dim(self.scene_names)
+        )
+
+    @staticmethod
+    def _cat(embs: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+        return torch.cat([embs[n] for n in names], dim=-1)
+
+    def _assemble(self, embs: Mapping[str, torch.Tensor], pooled: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [
+                self._cat(embs, self.user_names),
+                pooled,
+                self._cat(embs, self.ad_names),
+                self._cat(embs, self.scene_names),
+            ],
+            dim=-1,
+        )
+
+
+class DinBackbone(_RankingInputs):
+    """Embeddings + DIN activation unit with the candidate ad as the query."""
+
+    def __init__(self, schema: FeatureSchema, config: RankerConfig) -> None:
+        super().__init__(schema, config)
+        self.query_names = _query_names(schema)
+        self.attention = ActivationUnit(
+            self.behaviour_dim,
+            config.attention_hidden,
+            config.attention_activation,
+            config.attention_softmax,
+        )
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        embs = self.embeddings.lookup(batch, self.all_names)
+        query = self._cat(embs, self.query_names)
+        keys = self._cat(embs, self.behaviour_names)
+        pooled = self.attention(query, keys, self.embeddings.sequence_mask(batch))
+        return self._assemble(embs, pooled)
+
+    def candidate_features(self, user: Batch, candidates: Batch) -> torch.Tensor:
+        """Serving: [N, F] for one user (user feats [1], history [1, L]) and N candidates.
+
+        The history is embedded once and attention uses the decomposed first layer. Scene
+        features come from `candidates` ([N] or [1]) or, failing that, from `user` ([1]).
+        """
+        n = candidates[self.ad_names[0]].reshape(-1).shape[0]
+        user_rows = {name: _column(user, name, 1) for name in self.user_names}
+        hist_rows = {name: user[name].reshape(-1) for name in self.behaviour_names}
+        ad_rows = {name: _column(candidates, name, n) for name in self.ad_names}
+        scene_rows = {
+            name: _column(candidates if name in candidates else user, name, n)
+            for name in self.scene_names
+        }
+        embs = self.embeddings.lookup(user_rows, self.user_names)
+        embs = {k: v.expand(n, -1) for k, v in embs.items()}
+        embs.update(self.embeddings.lookup(ad_rows, self.ad_names))
+        embs.update(self.embeddings.lookup(scene_rows, self.scene_names))
+        hist = self._cat(self.embeddings.lookup(hist_rows, self.behaviour_names),
+                         self.behaviour_names)
+        mask = self.embeddings.sequence_mask(hist_rows)
+        pooled = self.attention.pool_candidates(self._cat(embs, self.query_names), hist, mask)
+        return self._assemble(embs, pooled)
+
+
+class SumPoolBackbone(_RankingInputs):
+    """Embeddings + sum-pooled behaviour: the `base` model's input, same sizes as DIN's."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        embs = self.embeddings.lookup(batch, self.all_names)
+        keys = self._cat(embs, self.behaviour_names)
+        pooled = masked_sum(keys, self.embeddings.sequence_mask(batch))
+        return self._assemble(embs, pooled)
+
+
+def _column(source: Batch, name: str, n: int) -> torch.Tensor:
+    """A scalar feature as [n]: a [1] value is broadcast (request-level context)."""
+    if name not in source:
+        raise KeyError(f"missing feature '{name}'")
+    values = source[name].reshape(-1)
+    if values.shape[0] == n:
+        return values
+    if values.shape[0] == 1:
+        return values.expand(n)
+    raise ValueError(f"feature '{name}' has {values.shape[0]} values, expected 1 or {n}")

@@ -1,0 +1,115 @@
+"""DIN + ESMM ranker: one DIN backbone, a CTR tower and a CVR tower, pCTCVR = pCTR × pCVR.
+
+Why ESMM: a CVR model trained on clicked impressions only learns from a biased sample but is
+served on every impression (sample-selection bias). ESMM trains the CVR tower over all
+impressions, only through the product pCTCVR, and never divides pCTCVR by pCTR.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.features.schema import FeatureSchema
+from models.nn.backbone import DinBackbone
+from models.nn.config import RankerConfig
+from models.nn.layers import MLP, Batch
+
+
+def esmm_losses(
+    ctr_logit: torch.Tensor,
+    cvr_logit: torch.Tensor,
+    click: torch.Tensor,
+    conversion: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """BCE(pCTR, click) and BCE(pCTCVR, click·conversion), both averaged over all impressions.
+
+    Computed in log space so that saturated probabilities stay finite:
+    log pCTCVR = logσ(a) + logσ(b), and 1 − pq = (1 − p) + p(1 − q) gives
+    log(1 − pCTCVR) = logaddexp(logσ(−a), logσ(a) + logσ(−b)), with no clamp and no division.
+    """
+    click = click.to(ctr_logit.dtype)
+    ctcvr = click * conversion.to(ctr_logit.dtype)
+    ctr = F.binary_cross_entropy_with_logits(ctr_logit, click)
+    log_pctr = F.logsigmoid(ctr_logit)
+    log_pctcvr = log_pctr + F.logsigmoid(cvr_logit)
+    log_not = torch.logaddexp(F.logsigmoid(-ctr_logit), log_pctr + F.logsigmoid(-cvr_logit))
+    ctcvr_loss = -(ctcvr * log_pctcvr + (1.0 - ctcvr) * log_not).mean()
+    return {"ctr": ctr, "ctcvr": ctcvr_loss}
+
+
+def heads_output(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ranker's output dict (logits for the loss, probabilities for serving and eval)."""
+    pctr = torch.sigmoid(ctr_logit)
+    pcvr = torch.sigmoid(cvr_logit)
+    return {
+        "ctr_logit": ctr_logit,
+        "cvr_logit": cvr_logit,
+        "pctr": pctr,
+        "pcvr": pcvr,
+        "pctcvr": pctr * pcvr,
+    }
+
+
+class DinEsmm(nn.Module):
+    """DIN backbone (embeddings + activation unit) shared by a CTR and a CVR Dice tower.
+
+    Example::
+
+        model = DinEsmm(schema)
+        out = model(batch)  # ctr_logit, cvr_logit, pctr, pcvr, pctcvr, each [B]
+        loss = model.loss(out, batch["click"], batch["conversion"]) + model.mba_l2(batch, 1e-5)
+    """
+
+    def __init__(self, schema: FeatureSchema, config: RankerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or RankerConfig()
+        cfg = self.config
+        self.backbone = DinBackbone(schema, cfg)
+        width = self.backbone.out_dim
+        self.ctr_tower = MLP(width, cfg.tower_hidden, cfg.tower_activation, cfg.dropout, 1)
+        self.cvr_tower = MLP(width, cfg.tower_hidden, cfg.tower_activation, cfg.dropout, 1)
+
+    def _heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return heads_output(
+            self.ctr_tower(features).squeeze(-1), self.cvr_tower(features).squeeze(-1)
+        )
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self._heads(self.backbone(batch))
+
+    def loss(
+        self, out: dict[str, torch.Tensor], click: torch.Tensor, conversion: torch.Tensor
+    ) -> torch.Tensor:
+        """BCE(pCTR, click) + BCE(pCTCVR, click·conversion); no direct CVR loss."""
+        parts = esmm_losses(out["ctr_logit"], out["cvr_logit"], click, conversion)
+        return parts["ctr"] + parts["ctcvr"]
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """Loss with labels read from the batch (`click`, `conversion`)."""
+        return self.loss(self(batch), batch["click"], batch["conversion"])
+
+    def mba_l2(self, batch: Batch, lam: float) -> torch.Tensor:
+        """Mini-batch-aware L2 over the embedding rows this batch reads."""
+        return self.backbone.embeddings.mba_l2(batch, lam)
+
+    def predict(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """pctr, pcvr and pctcvr per row (eval uses this for every model alike)."""
+        out = self(batch)
+        return {k: out[k] for k in ("pctr", "pcvr", "pctcvr")}
+
+    def score_candidates(
+        self, user: Batch, candidates: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Serving: (pctr, pcvr, pctcvr), each [N], for one user and N candidates.
+
+        `user`: user features [1] and behaviour sequences [1, L]; `candidates`: ad features [N]
+        and scene features [N] or [1] (scene may also sit in `user`). The history is embedded
+        once and the attention's first layer is decomposed; equals `forward` on the expanded
+        batch to float tolerance. Needs eval mode: Dice must use its running statistics.
+        """
+        if self.training:
+            raise RuntimeError("score_candidates needs model.eval() (Dice running statistics)")
+        out = self._heads(self.backbone.candidate_features(user, candidates))
+        return out["pctr"], out["pcvr"], out["pctcvr"]

@@ -1,0 +1,133 @@
+"""`cascade eval`: every model beside the oracle, on the bundle's recorded test split.
+
+The oracle row uses the simulator's true probabilities, so a model's gap to it is the part of
+the signal it failed to learn, and CVR fidelity (Spearman of predicted vs true pCVR over all
+impressions) shows sample-selection bias without label noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.bundle import Bundle, read_bundle
+from models.data.dataset import EncodedLog, load_encoded_log
+from models.nn import Qscore, build_model
+from models.train.loop import predict
+from models.train.metrics import auc, calibration, gauc, logloss, recall_at_k, spearman
+from models.train.split import TimeSplit
+
+CTR_MODELS = ("din_esmm", "base", "dqm", "qscore")
+CVR_MODELS = ("din_esmm", "cvr_base")
+RECALL_KS = (100, 500, 1000)
+
+
+def load_model(bundle: Bundle, name: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild a network from its manifest config and load its safetensors weights."""
+    entry = bundle.model_entry(name)
+    model = build_model(name, bundle.schema, entry["config"])
+    model.load_state_dict(bundle.tensors(entry["file"]))
+    return model.to(device).eval()
+
+
+def ctr_metrics(click: np.ndarray, pctr: np.ndarray, users: np.ndarray) -> dict[str, float]:
+    return {"ctr_auc": auc(click, pctr), "ctr_gauc": gauc(click, pctr, users),
+            "logloss": logloss(click, pctr), "calibration": calibration(click, pctr)}
+
+
+def cvr_metrics(click: np.ndarray, conversion: np.ndarray, pcvr: np.ndarray,
+                true_pcvr: np.ndarray) -> dict[str, float]:
+    clicked = click > 0
+    out = {"cvr_auc": auc(conversion[clicked], pcvr[clicked]),
+           "cvr_calibration": calibration(conversion[clicked], pcvr[clicked])}
+    known = ~np.isnan(true_pcvr)
+    out["cvr_fidelity"] = spearman(pcvr[known], true_pcvr[known]) if known.any() else float("nan")
+    return out
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (None if v is None or np.isnan(v) else round(float(v), 5))
+            for k, v in metrics.items()}
+
+
+def _qscore_pctr(bundle: Bundle, ad_ids: np.ndarray) -> np.ndarray:
+    entry = bundle.model_entry("qscore")
+    prior = Qscore.from_dict(entry["prior"])
+    counts = bundle.arrays(entry["file"])
+    order = np.argsort(counts["ad_ids"])
+    pos = np.searchsorted(counts["ad_ids"], ad_ids, sorter=order).clip(0, len(order) - 1)
+    rows = order[pos]
+    known = counts["ad_ids"][rows] == ad_ids
+    imps = np.where(known, counts["impressions"][rows], 0)
+    clicks = np.where(known, counts["clicks"][rows], 0)
+    return prior.score(imps, clicks).astype(np.float32)
+
+
+def two_tower_recall(bundle: Bundle, model: torch.nn.Module, log: EncodedLog, idx: np.ndarray,
+                     max_requests: int = 2000, seed: int = 0) -> dict[str, float]:
+    """recall@K of clicked ads: each sampled test request's user vector searches the catalog."""
+    clicked = idx[log.click[idx] > 0]
+    if len(clicked) == 0:
+        return {f"recall@{k}": float("nan") for k in RECALL_KS}
+    requests = np.unique(log.request_id[clicked])
+    rng = np.random.default_rng(seed)
+    if len(requests) > max_requests:
+        requests = np.sort(rng.choice(requests, max_requests, replace=False))
+    pairs = clicked[np.isin(log.request_id[clicked], requests)]
+    first = np.unique(log.request_id[pairs], return_index=True)[1]
+    query_rows = pairs[first]  # one impression per request carries its user + history
+    users = predict(model, lambda m, b: {"u": m.user_vector(b)}, log, query_rows, 1024, "cpu")["u"]
+    vectors = bundle.arrays(bundle.model_entry("two_tower")["ad_vectors"])
+    matrix, ad_ids = vectors["vectors"], vectors["ad_ids"]
+    kmax = min(max(RECALL_KS), len(ad_ids))
+    top = np.empty((len(users), kmax), dtype=np.int64)
+    for start in range(0, len(users), 256):
+        scores = users[start:start + 256] @ matrix.T
+        part = np.argpartition(-scores, kmax - 1, axis=1)[:, :kmax]
+        order = np.take_along_axis(scores, part, 1).argsort(axis=1)[:, ::-1]
+        top[start:start + 256] = ad_ids[np.take_along_axis(part, order, 1)]
+    query_of = np.searchsorted(log.request_id[query_rows], log.request_id[pairs])
+    return {f"recall@{k}": recall_at_k(top, query_of, log.ad_id[pairs], k) for k in RECALL_KS}
+
+
+def evaluate(data_dir: str | Path, bundle_path: str | Path) -> dict[str, Any]:
+    """The metrics JSON of ARCHITECTURE.md for every model present in the bundle."""
+    bundle = read_bundle(bundle_path)
+    log = load_encoded_log(data_dir, bundle.schema)
+    split = TimeSplit.from_dict(bundle.manifest["split"])
+    _, _, test = split.indices(log.ts)
+    if len(test) == 0:
+        raise ValueError(f"{data_dir}: no rows fall in the bundle's test split "
+                         f"(ts >= {split.valid_end_ts}); is this the data it was trained on?")
+    click, conversion = log.click[test], log.conversion[test]
+    users, true_pctr, true_pcvr = log.user_id[test], log.true_pctr[test], log.true_pcvr[test]
+    result: dict[str, Any] = {"rows": int(len(test)), "bundle": bundle.version, "models": {}}
+    if not np.isnan(true_pctr).all():
+        oracle = ctr_metrics(click, true_pctr, users)
+        oracle |= cvr_metrics(click, conversion, true_pcvr, true_pcvr)
+        oracle["ctcvr_auc"] = auc(click * conversion, true_pctr * true_pcvr)
+        result["oracle"] = _rounded(oracle)
+    else:
+        result["oracle"] = {}
+    for name in bundle.manifest["models"]:
+        if name == "qscore":
+            metrics = ctr_metrics(click, _qscore_pctr(bundle, log.ad_id[test]), users)
+        else:
+            model = load_model(bundle, name)
+            if name == "two_tower":
+                metrics = two_tower_recall(bundle, model, log, test)
+            else:
+                out = predict(model, lambda m, b: m.predict(b) if hasattr(m, "predict")
+                              else {"pctr": torch.sigmoid(m(b))}, log, test, 8192, "cpu")
+                metrics = {}
+                if name in CTR_MODELS:
+                    metrics |= ctr_metrics(click, out["pctr"], users)
+                if name in CVR_MODELS:
+                    metrics |= cvr_metrics(click, conversion, out["pcvr"], true_pcvr)
+                if name == "din_esmm":
+                    metrics["ctcvr_auc"] = auc(click * conversion, out["pctcvr"])
+        result["models"][name] = _rounded(metrics)
+    return result

@@ -1,0 +1,219 @@
+"""`cascade train`: every model on one time split, written into one new bundle.
+
+The trainer returns an uncommitted `BundleWriter`, so the caller can add serving artefacts built
+from the trained vectors (the faiss index lives in `services/retrieval`, which `models` never
+imports) before the bundle is published atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.bundle import BundleWriter
+from models.data import layout
+from models.data.dataset import EncodedLog, dataset_schema, load_encoded_log, open_marketplace
+from models.features import FeatureSchema
+from models.nn import Qscore, build_model, default_config, estimate_log_q
+from models.train.loop import Batch, FitConfig, Progress, fit, predict
+from models.train.metrics import auc, gauc
+from models.train.split import TimeSplit, time_split
+
+NEURAL_MODELS = ("two_tower", "dqm", "din_esmm", "base", "cvr_base")
+ALL_MODELS = ("two_tower", "dqm", "din_esmm", "qscore", "base", "cvr_base")
+CATALOG_FILE = "catalog.parquet"
+CAMPAIGNS_FILE = "campaigns.parquet"
+QSCORE_COUNTS_FILE = "qscore_counts.safetensors"
+
+
+def weights_file(model: str) -> str:
+    return f"{model}.safetensors"
+
+
+def ad_vectors_file(model: str) -> str:
+    return f"{model}_ad_vectors.safetensors"
+
+
+@dataclass
+class TrainOptions:
+    """What to train and how long; defaults fit `small` in the 20-minute CPU budget."""
+
+    models: tuple[str, ...] = ALL_MODELS
+    fit: FitConfig = field(default_factory=FitConfig)
+    mba_lambda: float = 1e-5
+    max_rows: int | None = None  # read at most this many (earliest) impressions
+    device: str | None = None  # None: CUDA when present, else CPU
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_models(spec: str | None) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b'), validated; None or 'all' -> every model."""
+    if not spec or spec == "all":
+        return ALL_MODELS
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    unknown = [n for n in names if n not in ALL_MODELS]
+    if unknown or not names:
+        raise ValueError(f"--models: unknown model(s) {unknown} (choose from {list(ALL_MODELS)})")
+    return names
+
+
+def encode_catalog(schema: FeatureSchema, ads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Encode the ad group of the catalog, row-aligned with `ads['ad_id']`."""
+    return {f.name: f.encode(ads[f.name]) for f in schema.group("ad")}
+
+
+def _step_loss(name: str, lam: float) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+    def step(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model.training_loss(batch) + model.mba_l2(batch, lam)
+
+    step.__name__ = f"{name}_loss"
+    return step
+
+
+class _WithLogQ:
+    """Batch source for the two-tower: positives plus each ad's log sampling probability."""
+
+    def __init__(self, log: EncodedLog, log_q: np.ndarray):
+        self.log, self.log_q = log, log_q
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.log.batch(idx)
+        out["log_q"] = self.log_q[out["ad_id"]]
+        return out
+
+
+def _validation_metrics(name: str, model: torch.nn.Module, log: EncodedLog,
+                        idx: np.ndarray, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Quick figures for the manifest; `cascade eval` computes the full set on test rows."""
+    if name == "two_tower" or len(idx) == 0:
+        return {}
+    out = predict(model, lambda m, b: m.predict(b), log, idx, batch_size * 4, device)
+    metrics: dict[str, float] = {}
+    if "pctr" in out:
+        metrics["valid_ctr_auc"] = auc(log.click[idx], out["pctr"])
+        metrics["valid_ctr_gauc"] = gauc(log.click[idx], out["pctr"], log.user_id[idx])
+    if "pcvr" in out:
+        clicked = log.click[idx] > 0
+        if clicked.any():
+            metrics["valid_cvr_auc"] = auc(log.conversion[idx][clicked], out["pcvr"][clicked])
+    return {k: round(float(v), 5) for k, v in metrics.items()}
+
+
+def _ad_vectors(model: torch.nn.Module, catalog: dict[str, np.ndarray],
+                device: torch.device, block: int = 65536) -> np.ndarray:
+    model.eval()
+    n = next(iter(catalog.values())).shape[0]
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, n, block):
+            batch = {k: torch.from_numpy(v[start:start + block]).to(device)
+                     for k, v in catalog.items()}
+            parts.append(model.ad_vector(batch).float().cpu().numpy())
+    return np.concatenate(parts).astype(np.float32)
+
+
+def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
+          progress: Progress | None = None) -> tuple[BundleWriter, dict[str, Any]]:
+    """Train the requested models and stage a bundle (the caller commits it)."""
+    started = time.time()
+    data_dir = layout.require_dataset(data_dir)
+    schema = dataset_schema(data_dir)
+    device = options.resolved_device()
+    log = load_encoded_log(data_dir, schema, max_rows=options.max_rows)
+    split = time_split(log.ts)
+    train_idx, valid_idx, _ = split.indices(log.ts)
+    market = open_marketplace(data_dir)
+    catalog = encode_catalog(schema, market.ads)
+    writer = BundleWriter(out_root, schema)
+    info: dict[str, Any] = {"vectors": {}}
+    try:
+        for name in options.models:
+            if name == "qscore":
+                writer.add_model("qscore", _train_qscore(writer, log, train_idx, market.ads))
+                continue
+            model = build_model(name, schema, default_config(name))
+            source: Any = log
+            tr, va = train_idx, valid_idx
+            if name == "cvr_base":  # ESMM's BASE: clicked impressions only
+                tr, va = tr[log.click[tr] > 0], va[log.click[va] > 0]
+            if name == "two_tower":  # positives only; other rows of the batch are negatives
+                tr, va = tr[log.click[tr] > 0], va[log.click[va] > 0]
+                owner = schema["ad_id"]
+                counts = estimate_log_q(torch.from_numpy(log.features["ad_id"][tr]), owner.rows)
+                source = _WithLogQ(log, counts.numpy())
+            result = fit(model, _step_loss(name, options.mba_lambda), source, tr, va,
+                         options.fit, device, progress, name)
+            writer.save_tensors(weights_file(name), model.state_dict())
+            entry: dict[str, Any] = {
+                "file": weights_file(name),
+                "config": model.config.to_dict(),
+                "best_epoch": result.best_epoch,
+                "history": result.history,
+                "train_rows": int(len(tr)),
+                "metrics": _validation_metrics(name, model, log, valid_idx, device,
+                                               options.fit.batch_size),
+            }
+            if name in ("two_tower", "dqm"):
+                vectors = _ad_vectors(model, catalog, device)
+                writer.save_arrays(ad_vectors_file(name),
+                                   {"vectors": vectors, "ad_ids": market.ads["ad_id"]})
+                entry["ad_vectors"] = ad_vectors_file(name)
+                info["vectors"][name] = vectors
+            if name == "two_tower":
+                info["user_queries"] = _user_queries(model, log, va, device)
+            writer.add_model(name, entry)
+        shutil.copyfile(data_dir / layout.ADS_FILE, writer.path(CATALOG_FILE))
+        if (data_dir / layout.CAMPAIGNS_FILE).is_file():
+            shutil.copyfile(data_dir / layout.CAMPAIGNS_FILE, writer.path(CAMPAIGNS_FILE))
+        writer.manifest.update(
+            split=split.to_dict(log.ts),
+            data={"path": str(data_dir), "rows": len(log),
+                  "summary": {k: market.summary.get(k) for k in ("ads", "users", "impressions")}},
+            training={"device": str(device), "fit": asdict(options.fit),
+                      "mba_lambda": options.mba_lambda, "seconds": round(time.time() - started, 1),
+                      "torch": torch.__version__},
+        )
+        info["ad_ids"] = market.ads["ad_id"]
+    except BaseException:
+        writer.abort()
+        raise
+    return writer, info
+
+
+def _train_qscore(writer: BundleWriter, log: EncodedLog, train_idx: np.ndarray,
+                  ads: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Empirical-Bayes prior from training counts; the counts seed the online counters."""
+    ad_ids = ads["ad_id"].astype(np.int64)
+    order = np.argsort(ad_ids)
+    pos = order[np.searchsorted(ad_ids, log.ad_id[train_idx], sorter=order)]
+    impressions = np.bincount(pos, minlength=len(ad_ids)).astype(np.int64)
+    clicks = np.bincount(pos, weights=log.click[train_idx], minlength=len(ad_ids)).astype(np.int64)
+    prior = Qscore.fit(impressions, clicks)
+    writer.save_arrays(QSCORE_COUNTS_FILE, {"ad_ids": ad_ids, "impressions": impressions,
+                                            "clicks": clicks})
+    return {"file": QSCORE_COUNTS_FILE, "prior": prior.to_dict(),
+            "prior_mean": round(prior.prior_mean, 6)}
+
+
+def _user_queries(model: torch.nn.Module, log: EncodedLog, idx: np.ndarray,
+                  device: torch.device, n: int = 256) -> np.ndarray:
+    """Sample user vectors: the index tunes its search parameter on real queries."""
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(idx, size=min(n, len(idx)), replace=False)) if len(idx) else idx
+    out = predict(model, lambda m, b: {"u": m.user_vector(b)}, log, pick, 1024, device)
+    return out.get("u", np.zeros((0, 1), np.float32))
+
+
+def split_of(manifest: dict[str, Any]) -> TimeSplit:
+    return TimeSplit.from_dict(manifest["split"])

@@ -1,0 +1,436 @@
+"""The event log: impression / click / conversion events between the gateway and the worker.
+
+One interface (`EventLog`), two implementations with the same semantics, so the SAME consumer code
+(`services.gateway.worker`) runs on both:
+
+- `RedisEventLog`: a Redis Stream at `{prefix}events`. XADD with `MAXLEN ~`; a consumer group made
+  by `XGROUP CREATE ... MKSTREAM`; `XREADGROUP` hands new entries to one consumer and keeps them
+  *pending* until `XACK`; `XAUTOCLAIM` moves entries pending longer than `min_idle_ms` (their
+  consumer crashed) to another consumer.
+- `MemoryEventLog`: the embedded default (no `REDIS_URL`): the same pending / ack / reclaim state
+  machine in process, so a crash-and-reclaim test means the same thing on both.
+
+Idempotency: `append` is "SET NX evt:{event_id} + XADD" as ONE step (a Lua script on Redis), so a
+duplicate event id within the window never enters the log and a failed XADD never leaves a marker
+behind that would reject the client's retry. The marker key is the one `OnlineStore.dedupe_event`
+uses (`evt:{id}`, SET NX PX), so both agree on what was seen.
+
+`RecordLog` is a plain append-only stream (no groups) for the learning loop: the worker appends
+click / conversion *label* records to `{prefix}labels`; the gateway may log served features to its
+own stream the same way. Records are flat string fields (no pickle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, Protocol
+
+from services.common.config import Settings
+
+EVENTS_KEY = "events"
+LABELS_KEY = "labels"
+DEFAULT_GROUP = "workers"
+DEFAULT_MAXLEN = 1_000_000
+DEFAULT_DEDUPE_WINDOW_S = 86_400.0
+
+
+class EventType(StrEnum):
+    IMPRESSION = "impression"
+    CLICK = "click"
+    CONVERSION = "conversion"
+
+
+class EventDecodeError(ValueError):
+    """A log entry that does not decode to an `Event` (names the field)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """What the gateway signed when it served one slot (see `services.gateway.tokens`).
+
+    It lives here, in `common`, because events carry the verified claims and `common` must not
+    import the gateway. `user_id` is always a string (the API coerces numbers) so claims survive a
+    round trip through the log unchanged. `expires_at` is Unix seconds.
+    """
+
+    request_id: str
+    ad_id: int
+    campaign_id: int
+    user_id: str
+    scene: str
+    price_micros: int
+    category_id: int
+    position: int
+    expires_at: int
+
+
+_CLAIM_INTS = ("ad_id", "campaign_id", "price_micros", "category_id", "position", "expires_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One tracking event. `ts_ms` is when the gateway accepted it (it decides the UTC day)."""
+
+    event_id: str
+    type: EventType
+    claims: TokenClaims
+    ts_ms: int
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat stream fields: readable with redis-cli, no pickle."""
+        out = {"event_id": self.event_id, "type": self.type.value, "ts_ms": str(self.ts_ms)}
+        for f in fields(TokenClaims):
+            out[f.name] = str(getattr(self.claims, f.name))
+        return out
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[str, Any]) -> Event:
+        def text(name: str) -> str:
+            value = raw.get(name)
+            if value is None:
+                raise EventDecodeError(f"event entry has no {name!r}")
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        try:
+            claims = TokenClaims(**{
+                f.name: int(text(f.name)) if f.name in _CLAIM_INTS else text(f.name)
+                for f in fields(TokenClaims)
+            })
+            return cls(text("event_id"), EventType(text("type")), claims, int(text("ts_ms")))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, EventDecodeError):
+                raise
+            raise EventDecodeError(f"malformed event entry: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One log entry handed to a consumer. `event` is None when the entry does not decode; the
+    consumer should ack it (and count it) rather than let it be reclaimed forever."""
+
+    entry_id: str
+    event: Event | None
+    error: str = ""
+
+
+def _delivery(entry_id: str, raw: Mapping[str, Any]) -> Delivery:
+    try:
+        return Delivery(entry_id, Event.from_fields(raw))
+    except EventDecodeError as exc:
+        return Delivery(entry_id, None, str(exc))
+
+
+class EventLog(Protocol):
+    """Append, read through a consumer group, ack, reclaim (Redis Streams semantics)."""
+
+    async def append(self, event: Event,
+                     dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S) -> str | None:
+        """Append unless this event id was seen within the window; the entry id, or None."""
+        ...
+
+    async def ensure_group(self, group: str = DEFAULT_GROUP) -> None:
+        """Create the consumer group (reading from the start of the log) if it is missing."""
+        ...
+
+    async def read(self, group: str, consumer: str, count: int = 100,
+                   block_ms: int | None = None) -> list[Delivery]:
+        """New entries for `consumer`; they stay pending until acked. None = do not block."""
+        ...
+
+    async def ack(self, group: str, entry_ids: Sequence[str]) -> int: ...
+
+    async def reclaim(self, group: str, consumer: str, min_idle_ms: int,
+                      count: int = 100) -> list[Delivery]:
+        """Move entries pending longer than `min_idle_ms` (a crashed consumer's) to `consumer`."""
+        ...
+
+    async def pending(self, group: str = DEFAULT_GROUP) -> int: ...
+    async def length(self) -> int: ...
+    async def close(self) -> None: ...
+
+
+class RecordLog(Protocol):
+    """An append-only stream of flat records (label and served-feature logs)."""
+
+    async def append(self, record: Mapping[str, str | int | float]) -> str: ...
+    async def range(self, after: str | None = None, count: int = 1000
+                    ) -> list[tuple[str, dict[str, str]]]: ...
+    async def length(self) -> int: ...
+
+
+# -- in-process --------------------------------------------------------------------------------
+class _EntryIds:
+    """Stream-style ids "<ms>-<seq>", strictly increasing even if the clock stands still."""
+
+    def __init__(self) -> None:
+        self._last = (0, 0)
+
+    def next(self) -> tuple[int, int]:
+        ms = int(time.time() * 1000)
+        last_ms, last_seq = self._last
+        self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        return self._last
+
+
+@dataclass(slots=True)
+class _Pending:
+    consumer: str
+    delivered_at: float  # monotonic seconds
+    deliveries: int
+
+
+@dataclass(slots=True)
+class _Group:
+    last_delivered: tuple[int, int]
+    pending: dict[tuple[int, int], _Pending]
+
+
+def _fmt(key: tuple[int, int]) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
+def _parse(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class MemoryEventLog:
+    """`EventLog` in process: the same pending / ack / reclaim behaviour as a Redis Stream group.
+
+    Like `MAXLEN ~`, trimming drops the oldest entries even if pending; a reclaim then skips them.
+    """
+
+    def __init__(self, maxlen: int = DEFAULT_MAXLEN,
+                 clock: Any = time.monotonic) -> None:
+        self.maxlen = maxlen
+        self._clock = clock
+        self._entries: dict[tuple[int, int], dict[str, str]] = {}
+        self._order: deque[tuple[int, int]] = deque()
+        self._groups: dict[str, _Group] = {}
+        self._seen: dict[str, float] = {}  # event id -> marker expiry (monotonic s)
+        self._ids = _EntryIds()
+        self._wakeup = asyncio.Event()
+
+    async def append(self, event: Event,
+                     dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S) -> str | None:
+        now = self._clock()
+        if self._seen.get(event.event_id, 0.0) > now:
+            return None
+        if len(self._seen) > 4 * self.maxlen:  # sweep expired markers now and then
+            self._seen = {k: v for k, v in self._seen.items() if v > now}
+        self._seen[event.event_id] = now + max(0.001, dedupe_window_s)
+        key = self._ids.next()
+        self._entries[key] = event.to_fields()
+        self._order.append(key)
+        while len(self._order) > self.maxlen:
+            self._entries.pop(self._order.popleft(), None)
+        self._wakeup.set()
+        return _fmt(key)
+
+    async def ensure_group(self, group: str = DEFAULT_GROUP) -> None:
+        self._groups.setdefault(group, _Group((0, 0), {}))
+
+    def _group(self, group: str) -> _Group:
+        if group not in self._groups:
+            raise KeyError(f"no consumer group {group!r} (call ensure_group first)")
+        return self._groups[group]
+
+    async def read(self, group: str, consumer: str, count: int = 100,
+                   block_ms: int | None = None) -> list[Delivery]:
+        state = self._group(group)
+        fresh = [k for k in self._order if k > state.last_delivered][:count]
+        if not fresh and block_ms:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), block_ms / 1000)
+            except TimeoutError:
+                return []
+            fresh = [k for k in self._order if k > state.last_delivered][:count]
+        now = self._clock()
+        out = []
+        for key in fresh:
+            state.last_delivered = key
+            state.pending[key] = _Pending(consumer, now, 1)
+            out.append(_delivery(_fmt(key), self._entries[key]))
+        return out
+
+    async def ack(self, group: str, entry_ids: Sequence[str]) -> int:
+        state = self._group(group)
+        return sum(state.pending.pop(_parse(e), None) is not None for e in entry_ids)
+
+    async def reclaim(self, group: str, consumer: str, min_idle_ms: int,
+                      count: int = 100) -> list[Delivery]:
+        state = self._group(group)
+        now = self._clock()
+        out: list[Delivery] = []
+        for key in sorted(state.pending):
+            if len(out) >= count:
+                break
+            entry = state.pending[key]
+            if (now - entry.delivered_at) * 1000 < min_idle_ms:
+                continue
+            if key not in self._entries:  # trimmed away: Redis drops it from the PEL too
+                del state.pending[key]
+                continue
+            state.pending[key] = _Pending(consumer, now, entry.deliveries + 1)
+            out.append(_delivery(_fmt(key), self._entries[key]))
+        return out
+
+    async def pending(self, group: str = DEFAULT_GROUP) -> int:
+        return len(self._group(group).pending)
+
+    async def length(self) -> int:
+        return len(self._order)
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryRecordLog:
+    """`RecordLog` in process (bounded like `MAXLEN ~`)."""
+
+    def __init__(self, maxlen: int = DEFAULT_MAXLEN) -> None:
+        self._records: deque[tuple[tuple[int, int], dict[str, str]]] = deque(maxlen=maxlen)
+        self._ids = _EntryIds()
+
+    async def append(self, record: Mapping[str, str | int | float]) -> str:
+        key = self._ids.next()
+        self._records.append((key, {k: str(v) for k, v in record.items()}))
+        return _fmt(key)
+
+    async def range(self, after: str | None = None, count: int = 1000
+                    ) -> list[tuple[str, dict[str, str]]]:
+        start = _parse(after) if after else (-1, -1)
+        return [(_fmt(k), dict(r)) for k, r in self._records if k > start][:count]
+
+    async def length(self) -> int:
+        return len(self._records)
+
+
+# -- Redis -------------------------------------------------------------------------------------
+# KEYS[1] = evt marker, KEYS[2] = stream; ARGV = window ms, maxlen, field, value, field, value...
+_APPEND_ONCE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return false end
+local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+return redis.call(unpack(args))
+"""
+
+
+class RedisEventLog:
+    """`EventLog` on a Redis Stream (see the module docstring for the commands used)."""
+
+    def __init__(self, client: Any, prefix: str = "cascade:",
+                 maxlen: int = DEFAULT_MAXLEN, key: str = EVENTS_KEY) -> None:
+        self.client = client  # redis.asyncio.Redis with decode_responses=True
+        self.prefix = prefix
+        self.key = prefix + key
+        self.maxlen = maxlen
+        self._append_once = client.register_script(_APPEND_ONCE)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "cascade:", **kwargs: Any) -> RedisEventLog:
+        import redis.asyncio as aioredis
+
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), prefix, **kwargs)
+
+    async def append(self, event: Event,
+                     dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S) -> str | None:
+        argv: list[str | int] = [max(1, int(dedupe_window_s * 1000)), self.maxlen]
+        for name, value in event.to_fields().items():
+            argv += [name, value]
+        entry = await self._append_once(keys=[f"{self.prefix}evt:{event.event_id}", self.key],
+                                        args=argv)
+        return str(entry) if entry else None
+
+    async def ensure_group(self, group: str = DEFAULT_GROUP) -> None:
+        import redis.exceptions
+
+        try:
+            await self.client.xgroup_create(self.key, group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, group: str, consumer: str, count: int = 100,
+                   block_ms: int | None = None) -> list[Delivery]:
+        # Redis reads BLOCK 0 as "forever": never send it.
+        reply = await self.client.xreadgroup(group, consumer, {self.key: ">"}, count=count,
+                                             block=block_ms or None)
+        out: list[Delivery] = []
+        for _stream, entries in reply or []:
+            out += [_delivery(entry_id, raw) for entry_id, raw in entries if raw is not None]
+        return out
+
+    async def ack(self, group: str, entry_ids: Sequence[str]) -> int:
+        if not entry_ids:
+            return 0
+        return int(await self.client.xack(self.key, group, *entry_ids))
+
+    async def reclaim(self, group: str, consumer: str, min_idle_ms: int,
+                      count: int = 100) -> list[Delivery]:
+        reply = await self.client.xautoclaim(self.key, group, consumer, min_idle_ms,
+                                             start_id="0-0", count=count)
+        entries = reply[1]  # [next start, claimed entries, deleted ids (Redis >= 7)]
+        return [_delivery(entry_id, raw) for entry_id, raw in entries if raw is not None]
+
+    async def pending(self, group: str = DEFAULT_GROUP) -> int:
+        summary = await self.client.xpending(self.key, group)
+        return int(summary["pending"])
+
+    async def length(self) -> int:
+        return int(await self.client.xlen(self.key))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class RedisRecordLog:
+    """`RecordLog` on a Redis Stream without consumer groups (readers page with XRANGE)."""
+
+    def __init__(self, client: Any, prefix: str = "cascade:", key: str = LABELS_KEY,
+                 maxlen: int = DEFAULT_MAXLEN) -> None:
+        self.client = client
+        self.key = prefix + key
+        self.maxlen = maxlen
+
+    async def append(self, record: Mapping[str, str | int | float]) -> str:
+        values = {k: str(v) for k, v in record.items()}
+        return str(await self.client.xadd(self.key, values, maxlen=self.maxlen,
+                                          approximate=True))
+
+    async def range(self, after: str | None = None, count: int = 1000
+                    ) -> list[tuple[str, dict[str, str]]]:
+        start = f"({after}" if after else "-"
+        return [(i, dict(r)) for i, r in await self.client.xrange(self.key, start, "+", count)]
+
+    async def length(self) -> int:
+        return int(await self.client.xlen(self.key))
+
+
+def make_event_log(settings: Settings, client: Any = None) -> EventLog:
+    """A Redis Stream when `REDIS_URL` is set, else the in-process log.
+
+    Pass `client` (e.g. `RedisStore.client`) to share one connection pool with the store.
+    """
+    if not settings.redis_url:
+        return MemoryEventLog()
+    if client is None:
+        return RedisEventLog.from_url(settings.redis_url, settings.redis_prefix)
+    return RedisEventLog(client, settings.redis_prefix)
+
+
+def make_label_log(settings: Settings, client: Any = None, key: str = LABELS_KEY) -> RecordLog:
+    """The append-only label stream (`{prefix}labels`), or an in-process one."""
+    if not settings.redis_url:
+        return MemoryRecordLog()
+    if client is None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    return RedisRecordLog(client, settings.redis_prefix, key)

@@ -1,0 +1,346 @@
+"""The thin FastAPI adapter every serving stage shares.
+
+A stage is a plain class loaded from a bundle (its "state"); this module gives it the HTTP
+surface the architecture fixes: /healthz, /readyz, /metrics, /admin/reload, plus its own POST
+endpoints, each declared as an `Endpoint` (path, request model, handler). What every endpoint
+gets for free, so no stage re-implements it:
+
+- bodies in JSON or protobuf (services/common/wire.py), answered in the caller's encoding;
+- 413 for a body over `max_body_bytes` (checked while streaming, before parsing), 413 naming
+  the field for too many candidates / too long a history, 422 naming the field for bad bodies;
+- the `X-Cascade-Budget-Ms` budget: a request whose budget is spent on arrival, or that runs
+  out while waiting for a worker thread, gets 504 {"detail": "deadline exceeded"} at once
+  instead of work nobody will wait for;
+- CPU work on a fixed-size thread pool (anyio CapacityLimiter), never on the event loop;
+- queue vs compute time, candidates in/out and the served bundle version in Prometheus;
+- reload beside the old state and an atomic swap: a request takes a reference to the state
+  when it starts, so in-flight requests finish on the old bundle; a failed load keeps the old
+  state and answers 422 with the reason (404 when the path does not exist, 409 while another
+  reload runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+import orjson
+from fastapi import FastAPI, Request, Response
+from pydantic import ValidationError
+
+from services.common import wire
+from services.common.deadline import Deadline, DeadlineExceeded
+from services.common.telemetry import METRICS_CONTENT_TYPE, StageMetrics
+
+log = logging.getLogger(__name__)
+
+
+class StageState(Protocol):
+    """What a loader returns: anything that knows which bundle version it serves."""
+
+    version: str
+
+
+Loader = Callable[[str], StageState]
+
+
+@dataclass(frozen=True)
+class StageLimits:
+    """Request-size limits and the worker pool size of one stage app."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_candidates: int = 10_000  # ad_ids per request
+    max_history: int = 1_000  # behaviour entries per request
+    max_k: int = 20_000  # K a caller may ask for
+    max_exclusions: int = 100_000
+    threads: int = 4  # CPU worker threads (each runs one request: faiss/torch use 1 thread)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One stage method on the wire: POST `path`, `request` model in, a wire model out.
+
+    `handler(state, request, deadline)` runs on a worker thread. `count_in`/`count_out` give
+    the candidate counts for the metrics.
+    """
+
+    path: str
+    request: type[wire.WireModel]
+    handler: Callable[[Any, Any, Deadline], wire.WireModel]
+    count_in: Callable[[Any], int] | None = None
+    count_out: Callable[[Any], int] | None = None
+    admin: bool = False  # under /admin: needs the admin key when one is configured
+
+
+class HttpError(Exception):
+    """An error answer with a status and a JSON body (detail, and the field when known)."""
+
+    def __init__(self, status: int, detail: Any, field: str | None = None):
+        super().__init__(str(detail))
+        self.status, self.detail, self.field = status, detail, field
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(body, default=str), status_code=status,
+                    media_type=wire.JSON)
+
+
+def _error(exc: HttpError) -> Response:
+    body: dict[str, Any] = {"detail": exc.detail}
+    if exc.field is not None:
+        body["field"] = exc.field
+    return _json(exc.status, body)
+
+
+def _validation_error(exc: ValidationError) -> HttpError:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    first = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
+    detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors]
+    return HttpError(422, detail, first)
+
+
+def check_limits(request: wire.WireModel, limits: StageLimits) -> None:
+    """413 for lists over the limits, 422 for misaligned columns; both name the field."""
+    ad_ids = getattr(request, "ad_ids", None)
+    if ad_ids is not None and len(ad_ids) > limits.max_candidates:
+        raise HttpError(413, f"too many candidates: {len(ad_ids)} > {limits.max_candidates}",
+                        "ad_ids")
+    hist = getattr(request, "hist", None)
+    if hist:
+        for name, column in hist.items():
+            if len(column) > limits.max_history:
+                raise HttpError(413, f"history too long: {len(column)} > {limits.max_history}",
+                                f"hist.{name}")
+    k = getattr(request, "k", None)
+    if k is not None and k > limits.max_k:
+        raise HttpError(413, f"k too large: {k} > {limits.max_k}", "k")
+    eligibility = getattr(request, "eligibility", None)
+    if eligibility is not None and len(eligibility.exclude_ad_ids) > limits.max_exclusions:
+        raise HttpError(413, f"too many exclusions: > {limits.max_exclusions}",
+                        "eligibility.exclude_ad_ids")
+    for name, column in (getattr(request, "ad_features", None) or {}).items():
+        if ad_ids is not None and len(column) != len(ad_ids):
+            raise HttpError(422, f"ad_features.{name} has {len(column)} values for "
+                                 f"{len(ad_ids)} candidates", f"ad_features.{name}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) as soon as it passes `limit`: a 10 MB body is never buffered."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HttpError(413, f"body too large: {declared} bytes > {limit}", "body")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"body too large: more than {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class StageRuntime:
+    """The served state, the worker pool and the metrics of one stage app."""
+
+    def __init__(self, name: str, loader: Loader, *, bundle: str | None = None,
+                 limits: StageLimits | None = None, metrics: StageMetrics | None = None):
+        self.name = name
+        self.loader = loader
+        self.bundle = bundle  # what an empty /admin/reload reloads (re-resolving `current`)
+        self.limits = limits or StageLimits()
+        self.metrics = metrics or StageMetrics(name)
+        self.limiter = anyio.CapacityLimiter(self.limits.threads)
+        self.load_error: str | None = None
+        self._state: StageState | None = None
+        self._reload_lock = threading.Lock()
+
+    @property
+    def state(self) -> StageState | None:
+        return self._state
+
+    def install(self, state: StageState) -> None:
+        """Swap in a loaded state (one attribute store: atomic for concurrent readers)."""
+        self._state = state
+        self.load_error = None
+        self.metrics.set_model(str(state.version), time.time())
+
+    def load(self, bundle: str | None = None) -> wire.ReloadResponse:
+        """Load `bundle` (or the configured one) beside the current state, then swap.
+
+        Blocking; raises HttpError (the current state is kept) on failure.
+        """
+        path = bundle or self.bundle
+        if not path:
+            raise HttpError(422, "no bundle given and none configured (CASCADE_BUNDLE)", "bundle")
+        if not Path(path).exists():
+            self.metrics.reloads.labels(self.name, "failed").inc()
+            raise HttpError(404, f"bundle not found: {path}", "bundle")
+        if not self._reload_lock.acquire(blocking=False):
+            raise HttpError(409, "another reload is in progress")
+        try:
+            start = time.perf_counter()
+            try:
+                state = self.loader(path)
+            except Exception as exc:  # any loader failure keeps the old state
+                log.exception("stage %s: loading bundle %s failed", self.name, path)
+                self.metrics.reloads.labels(self.name, "failed").inc()
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                kept = self._state.version if self._state is not None else None
+                raise HttpError(422, f"reload failed, kept {kept}: {self.load_error}",
+                                "bundle") from exc
+            previous = self._state.version if self._state is not None else ""
+            self.install(state)
+            if bundle:
+                self.bundle = bundle
+            self.metrics.reloads.labels(self.name, "ok").inc()
+            return wire.ReloadResponse(version=str(state.version), previous=str(previous),
+                                       load_ms=(time.perf_counter() - start) * 1000)
+        finally:
+            self._reload_lock.release()
+
+    async def call(self, endpoint: Endpoint, request: wire.WireModel,
+                   deadline: Deadline) -> wire.WireModel:
+        """Run the handler on a worker thread against the state current at arrival."""
+        state = self._state
+        if state is None:
+            raise HttpError(503, f"{self.name}: no bundle loaded")
+        submitted = time.perf_counter()
+        timing: dict[str, float] = {}
+
+        def work() -> wire.WireModel:
+            started = time.perf_counter()
+            timing["queue"] = started - submitted
+            if deadline.expired:  # waited too long for a thread: nobody wants the answer
+                raise DeadlineExceeded("deadline exceeded while queued")
+            result = endpoint.handler(state, request, deadline)
+            timing["compute"] = time.perf_counter() - started
+            return result
+
+        response = await anyio.to_thread.run_sync(work, limiter=self.limiter)
+        info = getattr(response, "info", None)
+        if isinstance(info, wire.StageInfo):
+            info.model_version = info.model_version or str(state.version)
+            info.queue_ms = timing["queue"] * 1000
+            info.compute_ms = timing["compute"] * 1000
+        self.metrics.observe_request(
+            endpoint.path, total_s=time.perf_counter() - submitted,
+            queue_s=timing["queue"], compute_s=timing["compute"],
+            candidates_in=endpoint.count_in(request) if endpoint.count_in else None,
+            candidates_out=endpoint.count_out(response) if endpoint.count_out else None)
+        return response
+
+
+def _route(runtime: StageRuntime, endpoint: Endpoint,
+           admin_key: str | None) -> Callable[[Request], Any]:
+    async def handle(request: Request) -> Response:
+        status = 200
+        try:
+            if endpoint.admin:
+                _check_admin(request, admin_key)
+            deadline = Deadline.from_header(request.headers)
+            if deadline.expired:
+                raise DeadlineExceeded("deadline exceeded on arrival")
+            body = await read_body(request, runtime.limits.max_body_bytes)
+            content_type = request.headers.get("content-type")
+            try:
+                parsed = wire.decode(endpoint.request, body, content_type)
+            except ValidationError as exc:
+                raise _validation_error(exc) from None
+            except wire.WireError as exc:
+                raise HttpError(422, str(exc), "body") from None
+            check_limits(parsed, runtime.limits)
+            result = await runtime.call(endpoint, parsed, deadline)
+            accept = request.headers.get("accept") or ""
+            media = wire.media_type(accept if "protobuf" in accept else content_type)
+            return Response(wire.encode(result, media), media_type=media)
+        except DeadlineExceeded as exc:
+            status = 504
+            runtime.metrics.count_deadline(endpoint.path)
+            return _json(504, {"detail": "deadline exceeded", "reason": str(exc)})
+        except HttpError as exc:
+            status = exc.status
+            return _error(exc)
+        except ValueError as exc:  # a handler refusing its input (e.g. wrong vector size)
+            status = 422
+            return _json(422, {"detail": str(exc)})
+        finally:
+            runtime.metrics.count_response(endpoint.path, status)
+
+    return handle
+
+
+def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ...] = (),
+                     bundle: str | None = None, limits: StageLimits | None = None,
+                     admin_key: str | None = None, load_on_startup: bool = True,
+                     state: StageState | None = None) -> FastAPI:
+    """Build a stage app. `bundle` loads in the background at startup (/readyz says when);
+    `state` installs an already-loaded state instead (embedded use, tests)."""
+    runtime = StageRuntime(name, loader, bundle=bundle, limits=limits)
+    if state is not None:
+        runtime.install(state)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state is None and bundle and load_on_startup:
+            def initial_load() -> None:
+                try:
+                    runtime.load()
+                except HttpError as exc:
+                    runtime.load_error = str(exc.detail)
+            threading.Thread(target=initial_load, name=f"{name}-load", daemon=True).start()
+        yield
+
+    app = FastAPI(title=f"cascade {name}", lifespan=lifespan)
+    app.state.runtime = runtime
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json(200, {"status": "ok", "stage": name})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        current = runtime.state
+        if current is None:
+            return _json(503, {"ready": False, "stage": name, "error": runtime.load_error})
+        return _json(200, {"ready": True, "stage": name, "version": str(current.version)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> Response:
+        try:
+            _check_admin(request, admin_key)
+            body = await read_body(request, 64 * 1024)
+            try:
+                asked = wire.decode(wire.ReloadRequest, body or b"{}", wire.JSON)
+            except ValidationError as exc:
+                raise _validation_error(exc) from None
+            # Loading is slow (files, torch): off the loop, outside the request worker pool.
+            result = await anyio.to_thread.run_sync(runtime.load, asked.bundle or None)
+            return Response(wire.encode(result), media_type=wire.JSON)
+        except HttpError as exc:
+            return _error(exc)
+
+    for endpoint in endpoints:
+        app.add_api_route(endpoint.path, _route(runtime, endpoint, admin_key), methods=["POST"],
+                          name=endpoint.path.strip("/").replace("/", "_"))
+    return app
+
+
+def _check_admin(request: Request, admin_key: str | None) -> None:
+    if admin_key is not None and request.headers.get("x-api-key") != admin_key:
+        raise HttpError(401, "missing or wrong X-API-Key for /admin")
+
+
+def runtime_of(app: FastAPI) -> StageRuntime:
+    return app.state.runtime

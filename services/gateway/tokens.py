@@ -1,0 +1,152 @@
+"""Signed, expiring tracking tokens: the proof that an event belongs to a slot the gateway served.
+
+An event is billed and counted only if its token verifies, so the token, not the client, says
+which ad, campaign, user, scene and click price an event is about. A client can neither invent an
+impression nor change its price.
+
+Format (compact, URL-safe, no pickle): `<payload>.<signature>`, both base64url without padding.
+`payload` is the JSON array `[1, request_id, ad_id, campaign_id, user_id, scene, price_micros,
+category_id, position, expires_at]` (positional, so a token is ~150 characters); `signature` is
+HMAC-SHA256 under `CASCADE_TOKEN_SECRET` over `b"cascade-token." + payload`. Verification checks
+the signature (constant time) BEFORE it parses anything, then the shape, then the expiry.
+
+The token's lifetime is the attribution window: a conversion after it expires is rejected, so
+pick `ttl_s` to cover the longest click-to-conversion delay you want to credit (default a day).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+
+import orjson
+
+from services.common.config import Settings
+from services.common.events import TokenClaims
+
+__all__ = [
+    "ExpiredToken", "ForgedToken", "MalformedToken", "TokenClaims", "TokenError", "TokenSigner",
+]
+
+TOKEN_VERSION = 1
+DEFAULT_TTL_S = 86_400
+MAX_TOKEN_CHARS = 2048  # refuse to hash or parse anything longer
+_DOMAIN = b"cascade-token."
+
+
+class TokenError(ValueError):
+    """A tracking token that must not be accepted; the message says why (one line)."""
+
+
+class MalformedToken(TokenError):
+    """Not a token at all: wrong shape, bad encoding, wrong fields."""
+
+
+class ForgedToken(TokenError):
+    """The signature does not match: altered, or signed with another secret."""
+
+
+class ExpiredToken(TokenError):
+    """Genuine, but past its expiry."""
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class TokenSigner:
+    """Signs and verifies tracking tokens with one secret (plus older ones during a rotation)."""
+
+    def __init__(self, secret: str | bytes, ttl_s: int = DEFAULT_TTL_S,
+                 previous_secrets: tuple[str | bytes, ...] = ()) -> None:
+        keys = [secret, *previous_secrets]
+        self._keys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
+        if any(len(k) < 16 for k in self._keys):
+            raise ValueError("CASCADE_TOKEN_SECRET must be at least 16 bytes")
+        if ttl_s <= 0:
+            raise ValueError(f"token ttl must be > 0 seconds (got {ttl_s})")
+        self.ttl_s = int(ttl_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, ttl_s: int = DEFAULT_TTL_S) -> TokenSigner:
+        """The configured secret; with auth explicitly off (demo) a random per-process secret.
+
+        A random secret means tokens do not survive a restart and do not verify across gateway
+        replicas, which is acceptable only for the single-process demo.
+        """
+        if settings.token_secret:
+            return cls(settings.token_secret, ttl_s)
+        if not settings.auth:
+            return cls(secrets.token_bytes(32), ttl_s)
+        raise ValueError("CASCADE_TOKEN_SECRET is not set (required unless CASCADE_AUTH=off)")
+
+    def _mac(self, key: bytes, payload: bytes) -> bytes:
+        return hmac.new(key, _DOMAIN + payload, hashlib.sha256).digest()
+
+    def sign(self, *, request_id: str, ad_id: int, campaign_id: int, user_id: str | int,
+             scene: str, price_micros: int, category_id: int, position: int,
+             now: float) -> str:
+        """A token for one served slot, valid until `now + ttl_s` (Unix seconds)."""
+        claims = TokenClaims(str(request_id), int(ad_id), int(campaign_id), str(user_id),
+                             str(scene), int(price_micros), int(category_id), int(position),
+                             int(now) + self.ttl_s)
+        return self.sign_claims(claims)
+
+    def sign_claims(self, claims: TokenClaims) -> str:
+        body = [TOKEN_VERSION, claims.request_id, claims.ad_id, claims.campaign_id,
+                claims.user_id, claims.scene, claims.price_micros, claims.category_id,
+                claims.position, claims.expires_at]
+        payload = _b64encode(orjson.dumps(body)).encode("ascii")
+        return payload.decode("ascii") + "." + _b64encode(self._mac(self._keys[0], payload))
+
+    def verify(self, token: str, now: float) -> TokenClaims:
+        """The claims of a genuine, unexpired token; else `MalformedToken` / `ForgedToken` /
+        `ExpiredToken` (all `TokenError`, a `ValueError`)."""
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            raise MalformedToken("tracking token is empty, too long or not a string")
+        payload_text, dot, signature_text = token.partition(".")
+        if not dot or not payload_text or not signature_text or "." in signature_text:
+            raise MalformedToken("tracking token must be '<payload>.<signature>'")
+        try:
+            payload = payload_text.encode("ascii")
+            signature = _b64decode(signature_text)
+        except (UnicodeEncodeError, binascii.Error, ValueError) as exc:
+            raise MalformedToken("tracking token is not base64url") from exc
+        if not any(hmac.compare_digest(self._mac(k, payload), signature) for k in self._keys):
+            raise ForgedToken("tracking token signature does not match (forged or altered)")
+        claims = _parse_payload(payload)
+        if now >= claims.expires_at:
+            raise ExpiredToken(f"tracking token expired at {claims.expires_at} (now {int(now)})")
+        return claims
+
+
+def _parse_payload(payload: bytes) -> TokenClaims:
+    """Shape checks on a payload whose signature already matched (so errors here mean a bug or
+    a token from an incompatible version, never an attacker's bytes)."""
+    try:
+        body = orjson.loads(_b64decode(payload.decode("ascii")))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError) as exc:
+        raise MalformedToken("tracking token payload is not JSON") from exc
+    if not isinstance(body, list) or len(body) != 10 or body[0] != TOKEN_VERSION:
+        raise MalformedToken(f"tracking token is not a version-{TOKEN_VERSION} token")
+    _, request_id, ad_id, campaign_id, user_id, scene, price, category_id, position, exp = body
+    if not all(isinstance(v, str) for v in (request_id, user_id, scene)):
+        raise MalformedToken("tracking token has a non-string id or scene")
+    if not all(_is_int(v) for v in (ad_id, campaign_id, price, category_id, position, exp)):
+        raise MalformedToken("tracking token has a non-integer id, price or expiry")
+    if price < 0 or position < 0:
+        raise MalformedToken("tracking token has a negative price or position")
+    return TokenClaims(request_id, ad_id, campaign_id, user_id, scene, price, category_id,
+                       position, exp)
+

@@ -1,0 +1,1 @@
+"""The local stack: docker-compose.yml's services as local processes (`cascade stack`)."""
