@@ -46,8 +46,8 @@ def version() -> None:
 
 
 COMMAND_MODULES = (
-    "cli.commands_data",  # simulate, import-aliccp
-    "cli.commands_store",  # load-store
+    "cli.commands_data",  # simulate
+    "cli.commands_store",  # load-store, import-aliccp
     "cli.commands_models",  # train, eval, funnel
     "cli.commands_serve",  # serve
     "cli.commands_bench",  # bench stages, bench e2e
@@ -101,4 +101,8 @@ def run(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run()
+    # `python -m cli.main` runs this file as __main__; command modules register on the
+    # importable `cli.main.app`, so run that module's entry point, not this copy's.
+    from cli.main import run as _run
+
+    _run()

@@ -70,11 +70,16 @@ class ActivationUnit(nn.Module):
         hist = hist[mask]
         if hist.shape[0] == 0:
             return cand.new_zeros(cand.shape[0], self.dim)
-        w_q, w_k, w_diff, w_prod = self.first.weight.split(self.dim, dim=1)
+        n_cand, n_hist, dim = cand.shape[0], hist.shape[0], self.dim
+        w_q, w_k, w_diff, w_prod = self.first.weight.split(dim, dim=1)  # each [H, D]
+        width = w_q.shape[0]
         cand_term = F.linear(cand, w_q + w_diff, self.first.bias)  # once per candidate
         hist_term = F.linear(hist, w_k - w_diff)  # once per behaviour
-        pair_term = F.linear(cand.unsqueeze(1) * hist.unsqueeze(0), w_prod)  # per pair
-        hidden = self.first_act(pair_term + cand_term.unsqueeze(1) + hist_term.unsqueeze(0))
-        logits = self.rest(hidden).squeeze(-1)  # [N, L_real]
+        # q·k term: W4 (c ∘ h) = (W4 diag(c)) h, so all pairs are one GEMM of the history
+        # against the candidates' scaled copies of W4: [L, D] @ [D, N·H]. Layout is [L, N, H].
+        pair_weight = (cand.T.unsqueeze(2) * w_prod.T.unsqueeze(1)).reshape(dim, -1)
+        base = (hist_term.unsqueeze(1) + cand_term.unsqueeze(0)).reshape(n_hist, -1)
+        pre = torch.addmm(base, hist, pair_weight).reshape(n_hist, n_cand, width)
+        logits = self.rest(self.first_act(pre)).squeeze(-1).T  # [N, L_real]
         w = torch.softmax(logits, dim=-1) if self.softmax else logits
         return w.to(hist.dtype) @ hist

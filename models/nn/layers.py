@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.features.schema import GROUPS, FeatureSchema
@@ -135,15 +134,17 @@ class Dice(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if self.training and flat.shape[0] < 2:
-            # One row has no variance: fall back to running statistics instead of failing.
-            normed = F.batch_norm(flat, self.bn.running_mean, self.bn.running_var,
-                                  training=False, eps=self.bn.eps)
-        else:
-            normed = self.bn(flat)
-        p = torch.sigmoid(normed).reshape(x.shape)
-        return p * x + (1.0 - p) * self.alpha * x
+        # p·x + (1 − p)·α·x = x·(α + (1 − α)·p): fewer passes over large serving tensors.
+        gate = torch.sigmoid(self._normalise(x))
+        return x * torch.addcmul(self.alpha, gate, 1.0 - self.alpha)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() > x.shape[-1]:
+            return self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        # Eval (or a single training row, which has no variance): running statistics,
+        # folded into one fused multiply-add.
+        inv_std = torch.rsqrt(self.bn.running_var + self.bn.eps)
+        return torch.addcmul(-self.bn.running_mean * inv_std, x, inv_std)
 
 
 def make_activation(name: str, dim: int) -> nn.Module:
