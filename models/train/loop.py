@@ -119,7 +119,8 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, source: BatchSource, train_
             loss.backward()
             for opt in optimizers:
                 opt.step()
-            running = float(loss) if step == 0 else 0.98 * running + 0.02 * float(loss)
+            value = loss.detach().item()
+            running = value if step == 0 else 0.98 * running + 0.02 * value
             if progress:
                 progress.advance(running)
         valid_loss = mean_loss(model, step_loss, source, valid_idx, cfg.batch_size, device)

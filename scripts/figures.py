@@ -1,0 +1,190 @@
+"""Writes the README's measured figures from real command runs and their JSON outputs.
+
+    python -m scripts.figures simulator [--skip-large]      # runs cascade simulate x3, timed
+    python -m scripts.figures quality  --eval FILE --command "..."
+    python -m scripts.figures stages   --bench FILE --command "..."
+    python -m scripts.figures load     --summary FILE --command "..."
+
+Each rewrites one block of README.md between `<!-- figures:NAME:begin/end -->` markers, so the
+README never carries a number typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def replace_block(name: str, body: str) -> None:
+    text = README.read_text()
+    begin, end = f"<!-- figures:{name}:begin -->", f"<!-- figures:{name}:end -->"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {begin} block")
+    README.write_text(pattern.sub(lambda _: f"{begin}\n{body.strip()}\n{end}", text))
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process."""
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed")
+    return time.time() - start, usage.ru_maxrss / 1024
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def simulator(args: argparse.Namespace) -> None:
+    cascade = [sys.executable, "-m", "cli.main"]
+    rows, summaries = [], {}
+    scales = ["tiny", "small"] + ([] if args.skip_large else ["large"])
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for scale in scales:
+            out = Path(tmp) / scale
+            cmd = cascade + ["simulate", "--scale", scale, "--seed", "1", "--out", str(out)]
+            seconds, rss = timed(cmd)
+            summary = json.loads((out / "summary.json").read_text())
+            summaries[scale] = summary
+            rows.append(f"| `{scale}` | {summary['ads']:,} | {summary['impressions']:,} | "
+                        f"{seconds:.1f} s | {rss:,.0f} MiB |")
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+    small = summaries["small"]
+    lines = [
+        "### The simulator",
+        "",
+        f"`cascade simulate --scale S --seed 1 --out DIR`, timed with its peak resident memory "
+        f"(`python -m scripts.figures simulator`) on {machine()}:",
+        "",
+        "| scale | ads | impressions | wall time | peak memory |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"`small` (seed 1): {small['ads']:,} ads, {small['users']:,} users, "
+        f"{small['impressions']:,} impressions, CTR {pct(small['ctr'])}, CVR {pct(small['cvr'])}. "
+        f"Oracle (true probabilities): CTR AUC {small['oracle']['ctr_auc']:.4f}, "
+        f"CTR GAUC {small['oracle']['ctr_gauc']:.4f}, CVR AUC (clicked impressions) "
+        f"{small['oracle']['cvr_auc']:.4f}.",
+        "",
+        "| scene | impressions | CTR | CVR |",
+        "|---|---:|---:|---:|",
+        *[f"| {name} | {s['impressions']:,} | {pct(s['ctr'])} | {pct(s['cvr'])} |"
+          for name, s in small["by_scene"].items()],
+        "",
+        "| position | impressions | CTR |",
+        "|---|---:|---:|",
+        *[f"| {pos} | {s['impressions']:,} | {pct(s['ctr'])} |"
+          for pos, s in small["by_position"].items()],
+    ]
+    replace_block("simulator", "\n".join(lines))
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def quality(args: argparse.Namespace) -> None:
+    result = json.loads(Path(args.eval).read_text())
+    rows = {"oracle": result.get("oracle", {}), **result["models"]}
+    keys = ["ctr_auc", "ctr_gauc", "logloss", "calibration", "cvr_auc", "cvr_fidelity",
+            "cvr_calibration", "ctcvr_auc", "recall@100", "recall@500", "recall@1000"]
+    keys = [k for k in keys if any(k in m for m in rows.values())]
+    lines = ["### Model quality against the oracle", "", f"`{args.command}` on {machine()}; "
+             f"test split of {result['rows']:,} impressions (the latest 10% by time).", "",
+             "| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
+    if args.note:
+        lines += ["", args.note]
+    replace_block("quality", "\n".join(lines))
+
+
+def stages(args: argparse.Namespace) -> None:
+    result = json.loads(Path(args.bench).read_text())
+    lines = ["### Stage latency", "", f"`{args.command}` on {result.get('machine', machine())}:",
+             "", "| stage | p50 ms | p99 ms | per s | naive p50 ms | naive p99 ms | naive per s |"
+             " notes |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name in ("retrieval", "prerank", "rank"):
+        s = result.get(name)
+        if not s:
+            continue
+        naive = s.get("naive", {})
+        note = ", ".join(f"{k}={_fmt(v)}" for k, v in s.items()
+                         if k not in ("p50_ms", "p99_ms", "per_s", "naive")
+                         and not isinstance(v, dict | list))
+        lines.append(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['per_s']:,.0f} | "
+                     f"{naive.get('p50_ms', float('nan')):.3f} | "
+                     f"{naive.get('p99_ms', float('nan')):.3f} | "
+                     f"{naive.get('per_s', float('nan')):,.0f} | {note} |")
+    if args.note:
+        lines += ["", args.note]
+    replace_block("stages", "\n".join(lines))
+
+
+def load(args: argparse.Namespace) -> None:
+    result = json.loads(Path(args.summary).read_text())
+    keys = ("offered_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "p999_ms",
+            "error_rate", "degraded_share")
+    lines = ["### End-to-end load", "", f"`{args.command}` on {machine()}, Locust on the same "
+             "machine:", "", "| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys),
+             "| " + " | ".join(_fmt(result.get(k)) for k in keys) + " |"]
+    if result.get("stages"):
+        lines += ["", "| stage | p50 ms | p99 ms |", "|---|---:|---:|"]
+        for name, s in result["stages"].items():
+            lines.append(f"| {name} | {_fmt(s.get('p50_ms'))} | {_fmt(s.get('p99_ms'))} |")
+    if args.plot:
+        lines += ["", f"![latency against offered load]({args.plot})"]
+    if args.note:
+        lines += ["", args.note]
+    replace_block(args.block, "\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("simulator")
+    p.add_argument("--skip-large", action="store_true")
+    p.add_argument("--workdir", default=None)
+    p.set_defaults(fn=simulator)
+    for name, flag, fn in (("quality", "--eval", quality), ("stages", "--bench", stages),
+                           ("load", "--summary", load)):
+        p = sub.add_parser(name)
+        p.add_argument(flag, required=True)
+        p.add_argument("--command", required=True)
+        p.add_argument("--note", default="")
+        if name == "load":
+            p.add_argument("--plot", default="")
+            p.add_argument("--block", default="load")
+        p.set_defaults(fn=fn)
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
