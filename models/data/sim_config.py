@@ -85,6 +85,11 @@ class ClickConfig:
 
     position_decay: float = 0.18  # logit lost per slot (strictly decreasing effect)
     appeal_std: float = 0.5
+    # Appeal is shared the way real ads share it: an advertiser's products and a campaign's
+    # creatives are alike, and only the rest is the single ad's own. Models can learn the
+    # shared parts from their ids; the per-ad residual stays the oracle's private knowledge.
+    appeal_advertiser_share: float = 0.5  # share of appeal variance set by the advertiser
+    appeal_campaign_share: float = 0.35  # ... by the campaign; the rest is per ad
     activation_weight: float = 2.6  # alpha on local activation (what DIN can learn)
     activation_temperature: float = 0.1  # low: attend to the most relevant few behaviours
     activation_center: float = 0.35  # subtracted so activation helps and hurts
@@ -100,6 +105,7 @@ class ConversionConfig:
     intent_weight: float = 0.6  # purchase intent from city tier and age
     quality_std: float = 0.6
     quality_appeal_corr: float = 0.2  # ad cvr quality correlates weakly with click appeal
+    quality_advertiser_share: float = 0.6  # share of the independent part set by the advertiser
 
 
 @dataclass
@@ -318,12 +324,18 @@ def _validate(cfg: SimConfig, schema: FeatureSchema) -> None:
             raise SimConfigError(f"config: scenes.{name}.share must be in (0, 1] (got {s.share})")
     _at_least("click.position_decay", c.position_decay, 1e-6)  # strictly falling with slot
     _at_least("click.appeal_std", c.appeal_std, 0.0)
+    _probability("click.appeal_advertiser_share", c.appeal_advertiser_share, closed=True)
+    _probability("click.appeal_campaign_share", c.appeal_campaign_share, closed=True)
+    if c.appeal_advertiser_share + c.appeal_campaign_share > 1.0:
+        raise SimConfigError("config: click.appeal_advertiser_share + appeal_campaign_share "
+                             "must be <= 1")
     _at_least("click.activation_weight", c.activation_weight, 0.0)
     if c.activation_temperature <= 0:
         raise SimConfigError(
             f"config: click.activation_temperature must be > 0 (got {c.activation_temperature})")
     _at_least("conversion.quality_std", v.quality_std, 0.0)
     _probability("conversion.quality_appeal_corr", v.quality_appeal_corr, closed=True)
+    _probability("conversion.quality_advertiser_share", v.quality_advertiser_share, closed=True)
     _probability("policy.interest_share", p.interest_share, closed=True)
     _at_least("policy.popularity_sigma", p.popularity_sigma, 0.0)
     _at_least("log.n_requests", lg.n_requests, 1)

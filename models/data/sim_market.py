@@ -182,6 +182,19 @@ def sample_interest_ads(market: Marketplace, users: np.ndarray, rng: np.random.G
     return np.where(size > 0, market.category_ads[pick], -1)
 
 
+def _shared_normal(rng: np.random.Generator, *groups: tuple[np.ndarray, float]) -> np.ndarray:
+    """Standard normal per ad whose variance is split between groups (an effect per group id,
+    e.g. per advertiser) and a per-ad residual taking the remaining share."""
+    n = groups[0][0].shape[0]
+    out = np.zeros(n)
+    rest = 1.0
+    for ids, share in groups:
+        effect = rng.standard_normal(int(ids.max()) + 1)
+        out += np.sqrt(share) * effect[ids]
+        rest -= share
+    return out + np.sqrt(max(rest, 0.0)) * rng.standard_normal(n)
+
+
 def build_marketplace(cfg: SimConfig, seed: int, sequence_len: int = 50) -> Marketplace:
     """Deterministic marketplace for (config, seed); the log generator adds the requests."""
     rng_cat, rng_ads, rng_users, rng_hist = (
@@ -201,10 +214,12 @@ def build_marketplace(cfg: SimConfig, seed: int, sequence_len: int = 50) -> Mark
         "cr", pc.cast(pa.array(ads["ad_id"]), pa.string()),
         pc.cast(pa.array(variant), pa.string()), "-")
     c, v, p = cfg.click, cfg.conversion, cfg.policy
-    appeal = c.appeal_std * rng_ads.standard_normal(n)
+    adv, camp = ads["advertiser_id"], ads["campaign_id"]
+    appeal = c.appeal_std * _shared_normal(
+        rng_ads, (adv, c.appeal_advertiser_share), (camp, c.appeal_campaign_share))
+    own_quality = _shared_normal(rng_ads, (adv, v.quality_advertiser_share))
     quality = v.quality_std * (v.quality_appeal_corr * appeal / max(c.appeal_std, 1e-9)
-                               + np.sqrt(1 - v.quality_appeal_corr ** 2)
-                               * rng_ads.standard_normal(n))
+                               + np.sqrt(1 - v.quality_appeal_corr ** 2) * own_quality)
     log_price = np.log(ads["price_micros"].astype(np.float64))
     price_z = (log_price - log_price.mean()) / max(log_price.std(), 1e-9)
     popularity = np.exp(p.popularity_sigma * rng_ads.standard_normal(n))

@@ -31,6 +31,7 @@ ALL_MODELS = ("two_tower", "dqm", "din_esmm", "qscore", "base", "cvr_base")
 CATALOG_FILE = "catalog.parquet"
 CAMPAIGNS_FILE = "campaigns.parquet"
 QSCORE_COUNTS_FILE = "qscore_counts.safetensors"
+COLD_START_FILE = "cold_start.safetensors"
 
 
 def weights_file(model: str) -> str:
@@ -140,7 +141,9 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
     try:
         for name in options.models:
             if name == "qscore":
-                writer.add_model("qscore", _train_qscore(writer, log, train_idx, market.ads))
+                entry, priors = _train_qscore(writer, log, train_idx, market.ads)
+                writer.add_model("qscore", entry)
+                writer.manifest["priors"] = priors
                 continue
             model = build_model(name, schema, default_config(name))
             source: Any = log
@@ -192,18 +195,30 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
 
 
 def _train_qscore(writer: BundleWriter, log: EncodedLog, train_idx: np.ndarray,
-                  ads: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Empirical-Bayes prior from training counts; the counts seed the online counters."""
+                  ads: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Empirical-Bayes prior from training counts; the counts seed the online counters.
+
+    Also writes each ad's Qscore eCPM estimate, the order of retrieval's cold-start channel
+    (1000 x posterior CTR x click value, where an oCPA click is worth target CPA x prior CVR).
+    """
     ad_ids = ads["ad_id"].astype(np.int64)
     order = np.argsort(ad_ids)
     pos = order[np.searchsorted(ad_ids, log.ad_id[train_idx], sorter=order)]
     impressions = np.bincount(pos, minlength=len(ad_ids)).astype(np.int64)
     clicks = np.bincount(pos, weights=log.click[train_idx], minlength=len(ad_ids)).astype(np.int64)
     prior = Qscore.fit(impressions, clicks)
+    clicked = log.click[train_idx] > 0
+    prior_cvr = float(log.conversion[train_idx][clicked].mean()) if clicked.any() else 0.05
     writer.save_arrays(QSCORE_COUNTS_FILE, {"ad_ids": ad_ids, "impressions": impressions,
                                             "clicks": clicks})
-    return {"file": QSCORE_COUNTS_FILE, "prior": prior.to_dict(),
-            "prior_mean": round(prior.prior_mean, 6)}
+    qctr = prior.score(impressions, clicks)
+    click_value = np.where(ads["bid_type"] == "ocpa", ads["target_cpa_micros"] * prior_cvr,
+                           ads["bid_micros"]).astype(np.float64)
+    writer.save_arrays(COLD_START_FILE, {"ad_ids": ad_ids,
+                                         "ecpm": (1000.0 * qctr * click_value).astype(np.float32)})
+    entry = {"file": QSCORE_COUNTS_FILE, "prior": prior.to_dict(),
+             "prior_mean": round(prior.prior_mean, 6), "cold_start": COLD_START_FILE}
+    return entry, {"ctr": prior.prior_mean, "cvr": prior_cvr}
 
 
 def _user_queries(model: torch.nn.Module, log: EncodedLog, idx: np.ndarray,
