@@ -24,6 +24,7 @@ from services.common.config import Settings  # noqa: E402
 from services.common.deadline import Deadline  # noqa: E402
 from services.common.stage_app import Endpoint, StageLimits, create_stage_app  # noqa: E402
 from services.retrieval.state import RetrievalState, load_retrieval_state  # noqa: E402
+from services.retrieval.user_encoder import two_tower_user_encoder  # noqa: E402
 
 STAGE = "retrieval"
 
@@ -51,7 +52,9 @@ def create_app(settings: Settings | None = None, *, bundle: str | None = None,
     """The retrieval app. `state` skips loading (embedded use and tests); `loader` overrides
     how a bundle path becomes a state (the lead plugs in the user tower this way)."""
     settings = settings or Settings.from_env()
-    load = loader or partial(load_retrieval_state, faiss_threads=settings.faiss_threads)
+    load = loader or partial(
+        load_retrieval_state, faiss_threads=settings.faiss_threads,
+        user_encoder_factory=partial(two_tower_user_encoder, threads=settings.torch_threads))
     return create_stage_app(STAGE, load, endpoints=ENDPOINTS, bundle=bundle or settings.bundle,
                             limits=limits, admin_key=settings.admin_key if settings.auth else None,
                             state=state)

@@ -144,7 +144,10 @@ def load_retrieval_state(path: str, *, faiss_threads: int = 1,
     arrays = bundle.arrays(VECTORS_FILE)
     vectors = np.ascontiguousarray(arrays["vectors"], dtype=np.float32)
     ad_ids = np.ascontiguousarray(arrays["ad_ids"], dtype=np.int64)
-    spec_data = bundle.manifest.get("retrieval", {}).get("index")
+    # `cascade train` records the spec at manifest["index"], this module's writer under
+    # manifest["retrieval"]["index"]: read either.
+    spec_data = (bundle.manifest.get("retrieval", {}).get("index")
+                 or bundle.manifest.get("index"))
     spec = IndexSpec.from_dict(spec_data) if spec_data else None
     if bundle.has(INDEX_FILE):
         index = load_index(bundle.file(INDEX_FILE), spec)

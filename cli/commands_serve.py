@@ -1,0 +1,142 @@
+"""`cascade serve {gateway,retrieval,prerank,rank,all}`: run one service under uvicorn.
+
+`all` is the embedded default: every stage in the gateway's process (stage URLs ignored). With
+the in-process store (no REDIS_URL), `--data` (default CASCADE_DATA) fills it from a marketplace
+at start-up. Thread settings (OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS) are exported BEFORE
+torch or faiss is imported, because both read them once at import.
+
+`--workers N` runs N processes (uvicorn re-imports `app_from_env`); for the gateway that needs
+REDIS_URL, since in-process stores and event logs cannot be shared between processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from cli.errors import CliError
+from cli.main import app
+
+ROLES = ("gateway", "retrieval", "prerank", "rank", "all")
+ROLE_ENV = "CASCADE_SERVE_ROLE"
+
+
+def _thread_env(threads: int) -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+    os.environ.setdefault("MKL_NUM_THREADS", str(max(1, threads)))
+
+
+def _resolve_bundle(bundle: str | None) -> str | None:
+    if not bundle:
+        return None
+    from models.bundle import BundleError, resolve_bundle_dir
+
+    try:
+        return str(resolve_bundle_dir(bundle))
+    except BundleError as exc:
+        raise CliError(str(exc)) from None
+
+
+def build_app(role: str, bundle: str | None, data: str | None = None):  # noqa: ANN201
+    """The ASGI app for `role`, from the environment's Settings (also used by tests)."""
+    from services.common.config import Settings
+
+    settings = Settings.from_env()
+    if role in ("retrieval", "prerank", "rank"):
+        if not bundle:
+            raise CliError(f"no bundle: `cascade serve {role}` needs --bundle or CASCADE_BUNDLE")
+        from functools import partial
+
+        from services.gateway.stage_loaders import load_stage
+
+        if role == "retrieval":
+            from services.retrieval.app import create_app as create_retrieval
+
+            return create_retrieval(settings, bundle=bundle,
+                                    loader=partial(load_stage, "retrieval", settings=settings))
+        module = __import__(f"services.{role}.app", fromlist=["create_app"])
+        return module.create_app(settings, bundle=bundle)
+    return _gateway_app(role, settings, bundle, data)
+
+
+def _gateway_app(role: str, settings, bundle: str | None, data: str | None):  # noqa: ANN001,ANN202
+    import asyncio
+
+    from services.gateway.app import check_keys, create_app
+    from services.gateway.cascade import GatewayConfig
+    from services.gateway.service import Gateway
+    from services.gateway.stage_loaders import build_stages
+
+    if role == "all":
+        settings = settings.with_(retrieval_url=None, prerank_url=None, rank_url=None)
+    try:
+        check_keys(settings)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    local = [n for n, u in (("retrieval", settings.retrieval_url),
+                            ("prerank", settings.prerank_url), ("rank", settings.rank_url))
+             if not u]
+    if local and not bundle:
+        raise CliError(f"no bundle: in-process stage(s) {', '.join(local)} need --bundle or "
+                       f"CASCADE_BUNDLE (or set their CASCADE_<STAGE>_URL)")
+    config = GatewayConfig.from_dict(settings.extra.get("gateway", {}))
+    gateway = Gateway(settings, config, build_stages(settings, bundle))
+    data = data or settings.data
+    if data and not settings.redis_url:
+        from services.common.store_load import load_marketplace
+
+        if not Path(data).is_dir():
+            raise CliError(f"data directory not found: {data}")
+        counts = asyncio.run(load_marketplace(gateway.store, data))
+        print(f"in-process store: {counts.ads} ads, {counts.users} users from {data}", flush=True)
+    return create_app(gateway)
+
+
+def app_from_env():  # noqa: ANN201
+    """uvicorn factory for --workers > 1 (role and bundle come through the environment)."""
+    role = os.environ.get(ROLE_ENV, "gateway")
+    return build_app(role, os.environ.get("CASCADE_BUNDLE"), os.environ.get("CASCADE_DATA"))
+
+
+@app.command("serve")
+def serve(
+    role: str = typer.Argument(..., help="gateway | retrieval | prerank | rank | all"),
+    bundle: str = typer.Option("", "--bundle", help="Version dir or BUNDLES root "
+                               "(default CASCADE_BUNDLE)."),
+    data: str = typer.Option("", "--data", help="Marketplace to fill the in-process store "
+                             "(default CASCADE_DATA)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    workers: int = typer.Option(1, "--workers", min=1),
+) -> None:
+    """Serve one Cascade service (or `all`: the embedded gateway with every stage)."""
+    if role not in ROLES:
+        raise CliError(f"unknown service '{role}' (choose from {', '.join(ROLES)})")
+    threads = int(os.environ.get("CASCADE_TORCH_THREADS", "1") or 1)
+    _thread_env(threads)
+    bundle_path = _resolve_bundle(bundle or os.environ.get("CASCADE_BUNDLE"))
+    if workers > 1 and role in ("gateway", "all") and not os.environ.get("REDIS_URL"):
+        raise CliError("--workers > 1 needs REDIS_URL: in-process stores and event logs are "
+                       "per process")
+    import uvicorn
+
+    options = dict(host=host, port=port, log_level="warning", access_log=False,
+                   loop="uvloop", http="httptools", timeout_keep_alive=30)
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        options["loop"] = "asyncio"
+    if workers > 1:
+        os.environ[ROLE_ENV] = role
+        if bundle_path:
+            os.environ["CASCADE_BUNDLE"] = bundle_path
+        if data:
+            os.environ["CASCADE_DATA"] = data
+        uvicorn.run("cli.commands_serve:app_from_env", factory=True, workers=workers, **options)
+        return
+    asgi = build_app(role, bundle_path, data or None)
+    print(f"cascade {role} on http://{host}:{port}", flush=True)
+    uvicorn.run(asgi, **options)

@@ -1,0 +1,211 @@
+"""/admin: campaigns and ads (create, update, pause), bundle reload, served-traffic export.
+
+A new ad serves on the next request, before any retraining: the gateway computes its two-tower
+vector from its raw features (the bundle's ad tower), hands the stages a `CatalogUpdate`
+(in-process, or POST /admin/ads on HTTP stages; DQM computes its own vector from the features),
+then writes the store and its local catalog. Stages are updated FIRST: if one refuses, nothing
+is written and the answer (502) names the stage, and an ad the stages know but the catalog does
+not is dropped by screening, so a half-done update never serves.
+
+Validation happens before any write (422 naming the field): unknown campaign, unknown scene,
+a CPC ad without a bid, an oCPA ad without a target CPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from pydantic import Field
+
+from services.common import wire
+from services.common.stage_app import HttpError
+from services.common.store import Ad, Campaign
+from services.gateway.app import decode_body, guarded, json_response, require_key
+from services.gateway.clients import StageError
+from services.gateway.service import Gateway
+
+ADMIN_BODY_LIMIT = 64 * 1024
+
+
+class CampaignBody(wire.WireModel):
+    campaign_id: int = Field(ge=1)
+    advertiser_id: int = Field(default=0, ge=0)
+    daily_budget_micros: int = Field(ge=0)
+    status: str = Field(default="active", pattern="^(active|paused)$")
+
+
+class CampaignPatch(wire.WireModel):
+    daily_budget_micros: int | None = Field(default=None, ge=0)
+    status: str | None = Field(default=None, pattern="^(active|paused)$")
+
+
+class AdBody(wire.WireModel):
+    ad_id: int = Field(ge=1)
+    campaign_id: int = Field(ge=1)
+    advertiser_id: int = Field(default=0, ge=0)
+    category_id: int = Field(default=0, ge=0)
+    category_l1: int = Field(default=0, ge=0)
+    brand_id: int = Field(default=0, ge=0)
+    price_micros: int = Field(default=0, ge=0)
+    price_bucket: int = Field(default=0, ge=0, le=9)
+    bid_type: str = Field(default="cpc", pattern="^(cpc|ocpa)$")
+    bid_micros: int = Field(default=0, ge=0)
+    target_cpa_micros: int = Field(default=0, ge=0)
+    scenes: list[str] = Field(min_length=1)
+    creative_id: str = Field(default="", max_length=256)
+    status: str = Field(default="active", pattern="^(active|paused)$")
+
+
+class AdPatch(wire.WireModel):
+    bid_micros: int | None = Field(default=None, ge=0)
+    target_cpa_micros: int | None = Field(default=None, ge=0)
+    scenes: list[str] | None = Field(default=None, min_length=1)
+    status: str | None = Field(default=None, pattern="^(active|paused)$")
+    creative_id: str | None = Field(default=None, max_length=256)
+
+
+class ExportBody(wire.WireModel):
+    out: str = Field(min_length=1)
+
+
+def _check_ad(gateway: Gateway, ad: Ad) -> None:
+    if ad.campaign_id not in gateway.catalog.campaigns:
+        raise HttpError(422, f"campaign_id: campaign {ad.campaign_id} does not exist "
+                             f"(create it first)", "campaign_id")
+    unknown = [s for s in ad.scenes if s not in gateway.config.scenes]
+    if unknown:
+        raise HttpError(422, f"scenes: unknown scene(s) {unknown} (known: "
+                             f"{sorted(gateway.config.scenes)})", "scenes")
+    if ad.bid_type == "cpc" and ad.bid_micros <= 0:
+        raise HttpError(422, "bid_micros: a CPC ad needs a bid > 0", "bid_micros")
+    if ad.bid_type == "ocpa" and ad.target_cpa_micros <= 0:
+        raise HttpError(422, "target_cpa_micros: an oCPA ad needs a target CPA > 0",
+                        "target_cpa_micros")
+
+
+def _features(ad: Ad) -> dict[str, wire.ScalarValue]:
+    return {"ad_id": ad.ad_id, "campaign_id": ad.campaign_id, "advertiser_id": ad.advertiser_id,
+            "category_id": ad.category_id, "brand_id": ad.brand_id,
+            "price_bucket": ad.price_bucket, "bid_type": ad.bid_type}
+
+
+async def push_ad(gateway: Gateway, ad: Ad) -> dict[str, Any]:
+    """Stages first, then the store and the local catalog (see the module docstring)."""
+    _check_ad(gateway, ad)
+    known = ad.ad_id in gateway.catalog.ads
+    vector = None
+    if not known and gateway.stages.vectorizer is not None:
+        vector = gateway.stages.vectorizer.ad_vector(_features(ad))
+    estimate = gateway.qscores.prior.prior_mean * 1000.0 * (
+        ad.bid_micros if ad.bid_type == "cpc" else ad.target_cpa_micros * gateway.cascade.prior_cvr)
+    update = wire.CatalogUpdate(ad_id=ad.ad_id, vector=vector, scenes=list(ad.scenes),
+                                status=ad.status, cold_score=float(estimate),
+                                features=_features(ad))
+    stages: dict[str, Any] = {}
+    for name, client in gateway.stages.all().items():
+        try:
+            answer = await client.update(update)
+        except (StageError, ValueError, KeyError) as exc:
+            raise HttpError(502, f"stage {name} refused the ad: {exc}", name) from None
+        stages[name] = answer.added if answer is not None else None
+    await gateway.store.upsert_ad(ad)
+    gateway.catalog.apply_ad(ad)
+    return {"ad_id": ad.ad_id, "created": not known, "status": ad.status, "stages": stages}
+
+
+async def push_campaign(gateway: Gateway, campaign: Campaign) -> dict[str, Any]:
+    known = campaign.campaign_id in gateway.catalog.campaigns
+    await gateway.store.upsert_campaign(campaign)
+    gateway.catalog.apply_campaign(campaign)
+    gateway.pacer.note_campaign(campaign)
+    return {"campaign_id": campaign.campaign_id, "created": not known, "status": campaign.status,
+            "daily_budget_micros": campaign.daily_budget_micros}
+
+
+def _ad(gateway: Gateway, ad_id: int) -> Ad:
+    ad = gateway.catalog.ads.get(ad_id)
+    if ad is None:
+        raise HttpError(404, f"ad {ad_id} does not exist", "ad_id")
+    return ad
+
+
+def _campaign(gateway: Gateway, campaign_id: int) -> Campaign:
+    campaign = gateway.catalog.campaigns.get(campaign_id)
+    if campaign is None:
+        raise HttpError(404, f"campaign {campaign_id} does not exist", "campaign_id")
+    return campaign
+
+
+def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
+    """Register /admin/* on the gateway app (admin key required)."""
+    settings = gateway.settings
+
+    def route(path: str, method: str, handler: Any) -> None:
+        async def run(request: Request) -> Response:
+            require_key(request, settings, admin=True)
+            return json_response(200, await handler(request))
+
+        app.add_api_route(path, guarded(gateway.metrics, path, run), methods=[method])
+
+    async def create_campaign(request: Request) -> dict[str, Any]:
+        body = await decode_body(request, CampaignBody, ADMIN_BODY_LIMIT)
+        return await push_campaign(gateway, Campaign(**body.model_dump()))
+
+    async def patch_campaign(request: Request) -> dict[str, Any]:
+        current = _campaign(gateway, int(request.path_params["campaign_id"]))
+        body = await decode_body(request, CampaignPatch, ADMIN_BODY_LIMIT)
+        return await push_campaign(gateway, replace(current, **body.model_dump(exclude_none=True)))
+
+    async def pause_campaign(request: Request) -> dict[str, Any]:
+        current = _campaign(gateway, int(request.path_params["campaign_id"]))
+        return await push_campaign(gateway, replace(current, status="paused"))
+
+    async def create_ad(request: Request) -> dict[str, Any]:
+        body = await decode_body(request, AdBody, ADMIN_BODY_LIMIT)
+        data = body.model_dump()
+        data["scenes"] = tuple(data["scenes"])
+        return await push_ad(gateway, Ad(**data))
+
+    async def patch_ad(request: Request) -> dict[str, Any]:
+        current = _ad(gateway, int(request.path_params["ad_id"]))
+        changes = (await decode_body(request, AdPatch, ADMIN_BODY_LIMIT)).model_dump(
+            exclude_none=True)
+        if "scenes" in changes:
+            changes["scenes"] = tuple(changes["scenes"])
+        return await push_ad(gateway, replace(current, **changes))
+
+    async def pause_ad(request: Request) -> dict[str, Any]:
+        current = _ad(gateway, int(request.path_params["ad_id"]))
+        return await push_ad(gateway, replace(current, status="paused"))
+
+    async def reload(request: Request) -> dict[str, Any]:
+        body = await decode_body(request, wire.ReloadRequest, ADMIN_BODY_LIMIT)
+        out: dict[str, Any] = {}
+        for name, client in gateway.stages.all().items():
+            try:
+                result = await client.reload(body.bundle or None)
+            except (StageError, ValueError, OSError) as exc:
+                raise HttpError(422, f"reload of {name} failed, kept the old bundle: {exc}",
+                                "bundle") from None
+            out[name] = {"version": result.version, "previous": result.previous}
+        return out
+
+    async def export(request: Request) -> dict[str, Any]:
+        from services.gateway.served_log import export_training_set
+
+        body = await decode_body(request, ExportBody, ADMIN_BODY_LIMIT)
+        try:
+            return await export_training_set(gateway.sources(), body.out)
+        except ValueError as exc:
+            raise HttpError(422, str(exc), "out") from None
+
+    route("/admin/campaigns", "POST", create_campaign)
+    route("/admin/campaigns/{campaign_id:int}", "PATCH", patch_campaign)
+    route("/admin/campaigns/{campaign_id:int}/pause", "POST", pause_campaign)
+    route("/admin/ads", "POST", create_ad)
+    route("/admin/ads/{ad_id:int}", "PATCH", patch_ad)
+    route("/admin/ads/{ad_id:int}/pause", "POST", pause_ad)
+    route("/admin/reload", "POST", reload)
+    route("/admin/export", "POST", export)

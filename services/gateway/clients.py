@@ -1,0 +1,172 @@
+"""Stage clients: one interface per stage, in-process or over HTTP; the cascade sees only this.
+
+`StageClient.call(request, deadline)` returns the stage's response or raises; the cascade
+decides what a failure means (skip the stage, keep the previous order). Two implementations:
+
+- `LocalStage`: the stage's state object in this process (`state.handle(request, deadline)`),
+  run on a small thread pool so faiss/torch never block the event loop. The state is held by
+  reference and swapped whole on reload, so in-flight calls finish on the old bundle.
+- `HttpStage`: one `httpx.AsyncClient` per stage with pooled keep-alive connections, protobuf
+  bodies (candidate lists are packed bytes), the remaining budget in `X-Cascade-Budget-Ms`, and
+  a timeout equal to that remaining budget.
+
+A thread cannot be cancelled, so a hung in-process stage keeps its worker thread until its own
+deadline check lets it go; the cascade stops waiting at the deadline either way.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from services.common import wire
+from services.common.deadline import Deadline, DeadlineExceeded
+
+Req = TypeVar("Req", bound=wire.WireModel)
+Resp = TypeVar("Resp", bound=wire.WireModel)
+
+
+class StageError(RuntimeError):
+    """A stage answered with an error, or could not be reached; the message says which."""
+
+
+class StageClient(Protocol[Req, Resp]):
+    """What the cascade needs from a stage, wherever it runs."""
+
+    name: str
+
+    async def call(self, request: Req, deadline: Deadline) -> Resp: ...
+    async def update(self, update: wire.CatalogUpdate) -> wire.CatalogUpdateResponse | None: ...
+    async def reload(self, bundle: str | None) -> wire.ReloadResponse: ...
+    async def ready(self) -> bool: ...
+    async def close(self) -> None: ...
+
+
+class LocalStage(Generic[Req, Resp]):
+    """A stage state in this process. `loader(bundle_path) -> state` for reloads."""
+
+    def __init__(self, name: str, state: Any, loader: Callable[[str], Any] | None = None,
+                 bundle: str | None = None, threads: int = 4) -> None:
+        self.name = name
+        self.state = state
+        self.loader = loader
+        self.bundle = bundle
+        self._limiter = anyio.CapacityLimiter(threads)
+        self._reload_lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return str(getattr(self.state, "version", ""))
+
+    async def call(self, request: Req, deadline: Deadline) -> Resp:
+        state = self.state  # one reference for the whole call (atomic swap on reload)
+
+        def work() -> Resp:
+            if deadline.expired:
+                raise DeadlineExceeded(f"{self.name}: deadline passed while queued")
+            return state.handle(request, deadline)
+
+        return await anyio.to_thread.run_sync(work, limiter=self._limiter,
+                                              abandon_on_cancel=True)
+
+    async def update(self, update: wire.CatalogUpdate) -> wire.CatalogUpdateResponse | None:
+        method = getattr(self.state, "update", None)
+        if method is None:
+            return None
+        return await anyio.to_thread.run_sync(method, update)
+
+    async def reload(self, bundle: str | None) -> wire.ReloadResponse:
+        if self.loader is None:
+            raise StageError(f"{self.name}: no loader configured, cannot reload")
+        path = bundle or self.bundle
+        if not path:
+            raise StageError(f"{self.name}: no bundle given and none configured")
+        if not self._reload_lock.acquire(blocking=False):
+            raise StageError(f"{self.name}: another reload is in progress")
+        try:
+            previous = self.version
+            state = await anyio.to_thread.run_sync(self.loader, path)
+            self.state, self.bundle = state, path
+            return wire.ReloadResponse(version=str(state.version), previous=previous)
+        finally:
+            self._reload_lock.release()
+
+    async def ready(self) -> bool:
+        return self.state is not None
+
+    async def close(self) -> None:
+        return None
+
+
+class HttpStage(Generic[Req, Resp]):
+    """A stage behind HTTP: POST `path` with a protobuf body, pooled keep-alive connections."""
+
+    def __init__(self, name: str, base_url: str, path: str, response: type[Resp], *,
+                 admin_key: str | None = None, encoding: str = wire.PROTOBUF,
+                 max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None
+                 ) -> None:
+        self.name = name
+        self.path = path
+        self.response = response
+        self.encoding = encoding
+        self.admin_key = admin_key
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections, keepalive_expiry=30.0)
+        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), limits=limits,
+                                         transport=transport, timeout=10.0)
+
+    def _admin_headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.admin_key} if self.admin_key else {}
+
+    async def call(self, request: Req, deadline: Deadline) -> Resp:
+        remaining = deadline.remaining_s()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"{self.name}: no budget left to call")
+        headers = {"Content-Type": self.encoding, "Accept": self.encoding, **deadline.header()}
+        try:
+            reply = await self._client.post(self.path, content=wire.encode(request, self.encoding),
+                                            headers=headers,
+                                            timeout=None if remaining == float("inf")
+                                            else remaining)
+        except httpx.TimeoutException as exc:
+            raise DeadlineExceeded(f"{self.name}: no answer within the budget") from exc
+        except httpx.HTTPError as exc:
+            raise StageError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        if reply.status_code != 200:
+            raise StageError(f"{self.name}: HTTP {reply.status_code}: {reply.text[:200]}")
+        return wire.decode(self.response, reply.content, reply.headers.get("content-type"))
+
+    async def update(self, update: wire.CatalogUpdate) -> wire.CatalogUpdateResponse | None:
+        reply = await self._client.post("/admin/ads", content=wire.encode(update),
+                                         headers={"Content-Type": wire.JSON,
+                                                  **self._admin_headers()})
+        if reply.status_code == 404:  # a stage without catalog updates
+            return None
+        if reply.status_code != 200:
+            raise StageError(f"{self.name}: /admin/ads HTTP {reply.status_code}: "
+                             f"{reply.text[:200]}")
+        return wire.decode(wire.CatalogUpdateResponse, reply.content, wire.JSON)
+
+    async def reload(self, bundle: str | None) -> wire.ReloadResponse:
+        body = wire.encode(wire.ReloadRequest(bundle=bundle or ""))
+        reply = await self._client.post("/admin/reload", content=body, timeout=300.0,
+                                        headers={"Content-Type": wire.JSON,
+                                                 **self._admin_headers()})
+        if reply.status_code != 200:
+            raise StageError(f"{self.name}: reload HTTP {reply.status_code}: {reply.text[:200]}")
+        return wire.decode(wire.ReloadResponse, reply.content, wire.JSON)
+
+    async def ready(self) -> bool:
+        try:
+            reply = await self._client.get("/readyz", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,205 @@
+"""The gateway's components wired together: store, catalog, Qscore, pacing, events, cascade.
+
+`Gateway` is what the FastAPI app (app.py, admin.py) talks to. It owns the background tasks that
+keep the request path free of per-ad store reads: the catalog refresh (1 s), the pacing refresh
+(1 s), the Qscore counter refresh (5 s), and the event worker (a consumer group on the Redis
+Stream, or the in-process log with the same code, so several gateway processes share the work).
+
+Side effects of serving (product-mixer's "side effects") run after the answer is computed: a
+pacing hold for each slot's expected cost, and one served-feature record per slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from models.nn.qscore import Qscore
+from services.common import wire
+from services.common.config import Settings
+from services.common.events import Event, EventType, make_event_log, make_label_log
+from services.common.store import OnlineStore, make_store
+from services.common.telemetry import LATENCY_BUCKETS
+from services.gateway.cascade import Cascade, CascadeResult, GatewayConfig
+from services.gateway.catalog import Catalog
+from services.gateway.clients import StageClient
+from services.gateway.pacing import Pacer
+from services.gateway.screening import DEFAULT_PRIOR, QscoreTable, pacing_filter
+from services.gateway.served_log import SERVED_KEY, ServedSources, served_records
+from services.gateway.tokens import TokenError, TokenSigner
+from services.gateway.worker import EventWorker, now_ms
+
+log = logging.getLogger(__name__)
+
+
+class EventRejected(ValueError):
+    """An event that must not count (bad token, unknown ad); the message names the problem."""
+
+
+@dataclass
+class Stages:
+    """The three stage clients (in-process or HTTP) and the bundle-derived priors."""
+
+    retrieval: StageClient
+    prerank: StageClient
+    rank: StageClient
+    prior: Qscore = DEFAULT_PRIOR
+    qscore_counts: dict[int, tuple[int, int]] | None = None
+    prior_cvr: float | None = None
+    vectorizer: Any = None  # computes a new ad's two-tower vector (stage_loaders.AdVectorizer)
+
+    def all(self) -> dict[str, StageClient]:
+        return {"retrieval": self.retrieval, "prerank": self.prerank, "rank": self.rank}
+
+
+class GatewayMetrics:
+    """Prometheus series of the gateway (its own registry, see services.common.telemetry)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.request = Histogram("cascade_gateway_request_seconds", "POST /v1/ads latency",
+                                 registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.stage = Histogram("cascade_gateway_stage_seconds", "Time spent per cascade step",
+                               ("stage",), registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.degraded = Counter("cascade_gateway_degraded", "Requests with a degraded step",
+                                ("stage",), registry=self.registry)
+        self.responses = Counter("cascade_gateway_responses", "Responses by endpoint and status",
+                                 ("endpoint", "status"), registry=self.registry)
+        self.events = Counter("cascade_gateway_events", "Tracking events by outcome",
+                              ("type", "outcome"), registry=self.registry)
+
+    def observe(self, response: wire.AdsResponse, seconds: float) -> None:
+        self.request.observe(seconds)
+        for stage in response.stages:
+            self.stage.labels(stage.name).observe(stage.ms / 1000)
+            if stage.degraded:
+                self.degraded.labels(stage.name).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Gateway:
+    """Everything behind /v1 and /admin (see the module docstring)."""
+
+    def __init__(self, settings: Settings, config: GatewayConfig, stages: Stages, *,
+                 store: OnlineStore | None = None) -> None:
+        self.settings, self.config, self.stages = settings, config, stages
+        self.store = store or make_store(settings)
+        client = getattr(self.store, "client", None) if settings.redis_url else None
+        self.events = make_event_log(settings, client)
+        self.labels = make_label_log(settings, client)
+        self.served = make_label_log(settings, client, SERVED_KEY)
+        self.worker = EventWorker(self.events, self.store, self.labels)
+        self.signer = TokenSigner.from_settings(settings)
+        self.catalog = Catalog(scenes=tuple(config.scenes))
+        self.qscores = QscoreTable(stages.prior, stages.qscore_counts)
+        self.pacer = Pacer(self.store)
+        self.metrics = GatewayMetrics()
+        self.cascade = Cascade(
+            config=config, store=self.store, catalog=self.catalog, qscores=self.qscores,
+            pacing=pacing_filter(self.pacer), signer=self.signer, retrieval=stages.retrieval,
+            prerank=stages.prerank, rank=stages.rank, prior_cvr=stages.prior_cvr,
+            budget_ms=settings.budget_ms, model_version=self.model_version)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._side_effects: set[asyncio.Task[Any]] = set()
+        self.started = False
+
+    def model_version(self) -> str:
+        return str(getattr(self.stages.rank, "version", "") or "")
+
+    def sources(self) -> ServedSources:
+        return ServedSources(self.store, self.served, self.labels)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, background: bool = True) -> None:
+        await self.catalog.load(self.store)
+        await self.pacer.refresh()
+        await self.qscores.refresh(self.store, self.catalog.ads.keys())
+        await self.warm_up()
+        if background:
+            stop, cfg = self._stop, self.config
+            self._tasks = [
+                asyncio.create_task(self.catalog.run(self.store, stop, cfg.catalog_refresh_s)),
+                asyncio.create_task(self.pacer.run(stop)),
+                asyncio.create_task(self.qscores.run(self.store, self.catalog, stop,
+                                                     cfg.qscore_refresh_s)),
+                asyncio.create_task(self.worker.run_forever(stop)),
+            ]
+        self.started = True
+
+    async def warm_up(self, rounds: int = 3) -> None:
+        """A few unlogged requests before readiness: the first call of each stage pays for
+        thread pools, torch kernels and caches, which would otherwise degrade the first real
+        requests. No side effects (no tokens are handed out, nothing is logged)."""
+        scene = next(iter(self.config.scenes))
+        for i in range(rounds):
+            try:
+                await self.cascade.run(wire.AdsRequest(
+                    request_id=f"warm-up-{i}", user_id="__warm_up__", scene=scene, slots=1,
+                    budget_ms=10_000))
+            except Exception:  # noqa: BLE001 - warm-up is best effort
+                log.exception("warm-up request failed")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._side_effects, return_exceptions=True)
+        for client in self.stages.all().values():
+            await client.close()
+        await self.store.close()
+
+    async def ready(self) -> dict[str, bool]:
+        out = {name: await client.ready() for name, client in self.stages.all().items()}
+        out["catalog"] = self.started and len(self.catalog) > 0
+        return out
+
+    # -- the request path ----------------------------------------------------------------------
+    async def serve_ads(self, request: wire.AdsRequest) -> wire.AdsResponse:
+        started = time.perf_counter()
+        result = await self.cascade.run(request)
+        self.metrics.observe(result.response, time.perf_counter() - started)
+        if result.winners:
+            for winner in result.winners:  # hold the expected cost until the click can land
+                self.pacer.note_served(winner.campaign_id,
+                                       winner.price_micros * winner.candidate.pctr)
+            task = asyncio.create_task(self._log_served(result))
+            self._side_effects.add(task)
+            task.add_done_callback(self._side_effects.discard)
+        return result.response
+
+    async def _log_served(self, result: CascadeResult) -> None:
+        try:
+            for record in served_records(result):
+                await self.served.append(record)
+        except Exception:  # noqa: BLE001 - losing a log line must not fail serving
+            log.exception("served-feature log append failed")
+
+    async def flush(self) -> None:
+        """Wait for pending side effects (tests, shutdown)."""
+        if self._side_effects:
+            await asyncio.gather(*list(self._side_effects), return_exceptions=True)
+
+    # -- events --------------------------------------------------------------------------------
+    async def accept_event(self, request: wire.EventRequest) -> wire.EventResponse:
+        """Verify the token, then append once per event id; raises EventRejected."""
+        try:
+            claims = self.signer.verify(request.token, time.time())
+        except TokenError as exc:
+            self.metrics.events.labels(request.type, "rejected").inc()
+            raise EventRejected(str(exc)) from None
+        if claims.ad_id not in self.catalog.ads:
+            self.metrics.events.labels(request.type, "rejected").inc()
+            raise EventRejected(f"ad {claims.ad_id} was not served by this gateway")
+        event = Event(request.event_id, EventType(request.type), claims, now_ms())
+        entry = await self.events.append(event, self.config.dedupe_window_s)
+        self.metrics.events.labels(request.type, "duplicate" if entry is None else "ok").inc()
+        return wire.EventResponse(event_id=request.event_id, accepted=entry is not None,
+                                  duplicate=entry is None)

@@ -1,0 +1,45 @@
+"""Session-wide trained bundle for every serving test: `tiny_bundle`.
+
+Trained briefly (one epoch, at most 20k rows per model) on `tiny_data`, with the faiss index
+built as `cascade train` builds it, and committed: the path is a BUNDLES root whose `current`
+points at the one version. Quality is low on purpose; serving tests check behaviour, not AUC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.train.loop import FitConfig
+from models.train.trainer import TrainOptions, train
+from services.retrieval.index import INDEX_FILE, build_index_file
+
+# What the serving path needs (recall, pre-rank, rank, cold start): the eval-only baselines
+# (`base`, `cvr_base`) would double the fixture's training time.
+FIXTURE_MODELS = ("two_tower", "dqm", "din_esmm", "qscore")
+
+
+def build_bundle(data_dir: Path, out_root: Path, *, max_train_rows: int = 20_000,
+                 models: tuple[str, ...] = FIXTURE_MODELS) -> Path:
+    """Train briefly and publish a bundle under `out_root`; returns the version directory."""
+    options = TrainOptions(models=models, device="cpu",
+                           fit=FitConfig(epochs=1, max_train_rows=max_train_rows))
+    writer, info = train(data_dir, out_root, options)
+    try:
+        if "two_tower" in info["vectors"]:
+            spec = build_index_file(writer.staging, info["vectors"]["two_tower"], info["ad_ids"],
+                                    queries=info.get("user_queries"))
+            writer.manifest["index"] = {"file": INDEX_FILE, **spec.to_dict()}
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BUNDLES root of a briefly trained bundle on `tiny_data` (`current` -> the version)."""
+    root = tmp_path_factory.mktemp("bundles")
+    build_bundle(tiny_data, root)
+    return root
