@@ -22,7 +22,7 @@ def train(
                              "there and BUNDLES/current is switched to it."),
     models: str = typer.Option("all", "--models", help="Comma-separated subset of two_tower, dqm, "
                                "din_esmm, qscore, base, cvr_base."),
-    epochs: int = typer.Option(3, "--epochs", min=1, help="Maximum epochs (early stopping on "
+    epochs: int = typer.Option(2, "--epochs", min=1, help="Maximum epochs (early stopping on "
                                "validation loss may stop sooner)."),
     batch_size: int = typer.Option(2048, "--batch-size", min=16),
     max_rows: int = typer.Option(0, "--max-rows", min=0, help="Train on the earliest N "
@@ -111,3 +111,39 @@ def _metric_order(key: str) -> int:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
+
+
+@app.command()
+def funnel(
+    data: Path = typer.Option(..., "--data", help="The marketplace the bundle was trained on."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle version dir or BUNDLES root."),
+    requests: int = typer.Option(100, "--requests", min=1, help="Requests sampled from the "
+                                 "bundle's test split."),
+    out: Path = typer.Option(..., "--out", help="Funnel JSON file to write."),
+    top_n: int = typer.Option(10, "--top-n", min=1, help="Size of the full-corpus ideal set."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Share of the full ranker's top-N (over the whole eligible corpus) that survives
+    retrieval, screening and DQM, and the eCPM the cascade loses."""
+    from rich.progress import Progress
+
+    from services.gateway.funnel import run_funnel
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("funnel", total=requests)
+        result = run_funnel(data, bundle, requests, top_n, seed,
+                            progress=lambda: bar.advance(task))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    table = Table(title=f"funnel: top-{top_n} of the full ranker over ~{result['mean_corpus']:.0f} "
+                  f"eligible ads, {result['requests']} requests")
+    table.add_column("after stage")
+    table.add_column("K", justify="right")
+    table.add_column("share of top-N kept", justify="right")
+    for stage, share in result["survival"].items():
+        table.add_row(stage, str(result["k"][stage]), f"{share:.3f}")
+    console.print(table)
+    console.print(f"eCPM lost by the cascade: {100 * result['ecpm_lost']:.2f}%  "
+                  f"(goal: >= 90% of the top-{top_n} reach the ranker: "
+                  f"{'met' if result['goal']['met'] else 'missed'})")
+    console.print(f"wrote {out}")

@@ -1,0 +1,180 @@
+"""`cascade funnel`: what each stage keeps of the best ads the full ranker would pick.
+
+For each sampled request (from the bundle's test split) the full ranker (DIN+ESMM) scores the
+WHOLE eligible corpus; its top N by eCPM (one ad per campaign, as the auction allows) is the
+ideal. The cascade then runs with the serving stages and the gateway's own screening code:
+recall (K1) -> screen (K2 by Qscore eCPM) -> pre-rank (K3 by DQM). The report gives the share
+of the ideal top N that is still present after each stage, and the eCPM the cascade's final top
+N loses against the ideal (both priced by the same ranker, so only the funnel differs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from models.bundle import read_bundle
+from models.data import layout
+from models.train.split import TimeSplit
+from services.common import wire
+from services.common.config import Settings
+from services.common.store_load import load_marketplace
+from services.common.store_memory import MemoryStore
+from services.gateway.cascade import GatewayConfig
+from services.gateway.catalog import Catalog
+from services.gateway.screening import QscoreTable, ScreenPolicy, screen
+from services.gateway.stage_loaders import bundle_priors, load_stage
+
+RANK_CHUNK = 4096
+STAGES = ("retrieval", "screen", "prerank")
+
+
+@dataclass
+class FunnelRequest:
+    """One logged request in wire terms."""
+
+    request_id: int
+    scene: str
+    user: dict[str, Any]
+    hist: dict[str, wire.Column]
+    context: dict[str, Any]
+
+
+def sample_requests(data_dir: Path, split: TimeSplit, n: int, seed: int) -> list[FunnelRequest]:
+    """N requests from the test period, with the user profile and the logged sequence."""
+    requests = pq.read_table(data_dir / layout.REQUESTS_DIR).to_pydict()
+    ts = np.asarray(requests["ts"])
+    test = np.flatnonzero(ts >= split.valid_end_ts)
+    if test.size == 0:
+        raise ValueError(f"{data_dir}: no requests in the bundle's test split")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(test, size=min(n, test.size), replace=False))
+    users = pq.read_table(data_dir / layout.USERS_FILE).to_pydict()
+    row_of = {int(u): i for i, u in enumerate(users["user_id"])}
+    profile_cols = [c for c in users if c != "user_id"]
+    out = []
+    for i in pick.tolist():
+        row = row_of.get(int(requests["user_id"][i]))
+        user = {c: users[c][row] for c in profile_cols} if row is not None else {}
+        hist = {name: wire.Column(ints=np.asarray(requests[name][i] or [], dtype=np.int64))
+                for name in ("hist_ad_id", "hist_category_id") if name in requests}
+        out.append(FunnelRequest(int(requests["request_id"][i]), str(requests["scene"][i]), user,
+                                 hist, {"hour": int(requests["hour"][i]),
+                                        "device": str(requests["device"][i]), "position": 0}))
+    return out
+
+
+def _ecpm(catalog: Catalog, ad_ids: np.ndarray, pctr: np.ndarray, pcvr: np.ndarray) -> np.ndarray:
+    """The auction's eCPM (micros per mille): CPC bid x pCTR, oCPA target CPA x pCTR x pCVR."""
+    rows = catalog.rows_of(ad_ids)
+    c = catalog.cols
+    value = np.where(c.ocpa[rows], c.target_cpa_micros[rows] * pcvr, c.bid_micros[rows])
+    return 1000.0 * value * pctr
+
+
+def top_per_campaign(catalog: Catalog, ad_ids: np.ndarray, ecpm: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the best `n` ads by eCPM, at most one per campaign (the auction's rule)."""
+    order = np.lexsort((ad_ids, -ecpm))
+    campaigns = catalog.cols.campaign_id[catalog.rows_of(ad_ids[order])]
+    _, first = np.unique(campaigns, return_index=True)
+    return order[np.sort(first)][:n]
+
+
+class Funnel:
+    """The serving stages and the gateway's screening, driven offline."""
+
+    def __init__(self, bundle_path: str, data_dir: Path, config: GatewayConfig | None = None):
+        settings = Settings()
+        self.config = config or GatewayConfig()
+        self.bundle = read_bundle(bundle_path)
+        self.retrieval = load_stage("retrieval", bundle_path, settings)
+        self.prerank = load_stage("prerank", bundle_path, settings)
+        self.rank = load_stage("rank", bundle_path, settings)
+        prior, counts, self.prior_cvr = bundle_priors(self.bundle)
+        self.qscores = QscoreTable(prior, counts)
+        self.catalog = Catalog(scenes=tuple(self.config.scenes))
+        store = MemoryStore()
+        asyncio.run(self._load(store, data_dir))
+
+    async def _load(self, store: MemoryStore, data_dir: Path) -> None:
+        await load_marketplace(store, data_dir)
+        await self.catalog.load(store)
+
+    def eligible(self, scene: str) -> np.ndarray:
+        """Every ad that may serve in `scene`: active, targeted, campaign active."""
+        c = self.catalog.cols
+        mask = c.active & ((c.scene_bits & self.catalog.scene_bit(scene)) != 0)
+        mask &= self.catalog.campaign_active(c.campaign_id)
+        return c.ad_ids[mask]
+
+    def rank_all(self, req: FunnelRequest, ad_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ad ids, eCPM) by the full ranker, in chunks to bound memory."""
+        ids, ecpm = [], []
+        for start in range(0, ad_ids.size, RANK_CHUNK):
+            out = self.rank.handle(wire.RankRequest(
+                scene=req.scene, user=req.user, hist=req.hist, context=req.context,
+                ad_ids=ad_ids[start:start + RANK_CHUNK]))
+            ids.append(out.ad_ids)
+            ecpm.append(_ecpm(self.catalog, out.ad_ids, out.pctr, out.pcvr))
+        return np.concatenate(ids), np.concatenate(ecpm)
+
+    def cascade(self, req: FunnelRequest) -> dict[str, np.ndarray]:
+        """The candidate set after each stage, as the gateway would run it."""
+        cfg = self.config
+        part = dict(scene=req.scene, user=req.user, hist=req.hist, context=req.context)
+        recalled = self.retrieval.handle(wire.RecallRequest(**part, k=cfg.k1)).ad_ids
+        screened = screen(recalled, scene=req.scene, caps={}, catalog=self.catalog,
+                          qscores=self.qscores, pacing=lambda ids: ids,
+                          policy=ScreenPolicy(k=cfg.k2, freq_cap=0, prior_cvr=self.prior_cvr))
+        preranked = self.prerank.handle(wire.PrerankRequest(
+            **part, ad_ids=screened.ad_ids, k=cfg.k3)).ad_ids
+        return {"retrieval": recalled, "screen": screened.ad_ids, "prerank": preranked}
+
+    def measure(self, req: FunnelRequest, top_n: int) -> dict[str, float]:
+        corpus = self.eligible(req.scene)
+        all_ids, all_ecpm = self.rank_all(req, corpus)
+        ideal = all_ids[top_per_campaign(self.catalog, all_ids, all_ecpm, top_n)]
+        stages = self.cascade(req)
+        out = {stage: float(np.isin(ideal, stages[stage]).mean()) for stage in STAGES}
+        final = stages["prerank"]
+        ecpm_of = dict(zip(all_ids.tolist(), all_ecpm.tolist(), strict=True))
+        final_ecpm = np.asarray([ecpm_of.get(int(a), 0.0) for a in final])
+        chosen = top_per_campaign(self.catalog, final, final_ecpm, top_n)
+        ideal_sum = float(sum(ecpm_of[int(a)] for a in ideal))
+        out["ecpm_lost"] = 1.0 - float(final_ecpm[chosen].sum()) / max(ideal_sum, 1e-12)
+        out["corpus"] = float(corpus.size)
+        return out
+
+
+def run_funnel(data_dir: str | Path, bundle_path: str | Path, requests: int, top_n: int = 10,
+               seed: int = 0, progress: Any = None) -> dict[str, Any]:
+    """The funnel JSON: per-stage survival of the full-corpus top N, and the eCPM lost."""
+    data_dir = layout.require_dataset(data_dir)
+    if requests < 1:
+        raise ValueError("--requests must be at least 1")
+    funnel = Funnel(str(bundle_path), data_dir)
+    split = TimeSplit.from_dict(funnel.bundle.manifest["split"])
+    sampled = sample_requests(data_dir, split, requests, seed)
+    rows = []
+    for req in sampled:
+        rows.append(funnel.measure(req, top_n))
+        if progress:
+            progress()
+    mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    cfg = funnel.config
+    return {
+        "requests": len(rows),
+        "top_n": top_n,
+        "bundle": funnel.bundle.version,
+        "k": {"retrieval": cfg.k1, "screen": cfg.k2, "prerank": cfg.k3},
+        "mean_corpus": round(mean.pop("corpus"), 1),
+        "survival": {stage: round(mean[stage], 4) for stage in STAGES},
+        "reach_ranker": round(mean["prerank"], 4),
+        "ecpm_lost": round(mean["ecpm_lost"], 4),
+        "goal": {"reach_ranker_at_least": 0.9, "met": bool(mean["prerank"] >= 0.9)},
+    }
