@@ -16,7 +16,7 @@ from torch import nn
 from models.features.schema import FeatureSchema
 from models.nn.backbone import DinBackbone, SumPoolBackbone
 from models.nn.config import RankerConfig
-from models.nn.layers import MLP, Batch
+from models.nn.layers import MLP, Batch, log_odds
 
 
 class BaseModel(nn.Module):
@@ -30,6 +30,9 @@ class BaseModel(nn.Module):
         self.ctr_tower = MLP(
             self.backbone.out_dim, cfg.tower_hidden, cfg.tower_activation, cfg.dropout, 1
         )
+
+    def init_base_rates(self, ctr: float, cvr: float) -> None:
+        self.ctr_tower.init_output_bias(log_odds(ctr))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         ctr_logit = self.ctr_tower(self.backbone(batch)).squeeze(-1)
@@ -67,6 +70,9 @@ class CvrBase(nn.Module):
         self.cvr_tower = MLP(
             self.backbone.out_dim, cfg.tower_hidden, cfg.tower_activation, cfg.dropout, 1
         )
+
+    def init_base_rates(self, ctr: float, cvr: float) -> None:
+        self.cvr_tower.init_output_bias(log_odds(cvr))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cvr_logit = self.cvr_tower(self.backbone(batch)).squeeze(-1)

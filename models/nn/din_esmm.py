@@ -14,7 +14,7 @@ from torch import nn
 from models.features.schema import FeatureSchema
 from models.nn.backbone import DinBackbone
 from models.nn.config import RankerConfig
-from models.nn.layers import MLP, Batch
+from models.nn.layers import MLP, Batch, log_odds
 
 
 def esmm_losses(
@@ -70,6 +70,11 @@ class DinEsmm(nn.Module):
         width = self.backbone.out_dim
         self.ctr_tower = MLP(width, cfg.tower_hidden, cfg.tower_activation, cfg.dropout, 1)
         self.cvr_tower = MLP(width, cfg.tower_hidden, cfg.tower_activation, cfg.dropout, 1)
+
+    def init_base_rates(self, ctr: float, cvr: float) -> None:
+        """Start both towers at the data's CTR and CVR (see `MLP.init_output_bias`)."""
+        self.ctr_tower.init_output_bias(log_odds(ctr))
+        self.cvr_tower.init_output_bias(log_odds(cvr))
 
     def _heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return heads_output(

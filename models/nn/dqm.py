@@ -14,7 +14,7 @@ from torch import nn
 
 from models.features.schema import FeatureSchema
 from models.nn.config import DqmConfig
-from models.nn.layers import MLP, Batch, EmbeddingCollection, masked_mean
+from models.nn.layers import MLP, Batch, EmbeddingCollection, log_odds, masked_mean
 
 
 class Dqm(nn.Module):
@@ -35,6 +35,12 @@ class Dqm(nn.Module):
                             cfg.out_dim + extra)
         # A global intercept folded into every ad's bias dimension (CTRs are far from 0.5).
         self.global_bias = nn.Parameter(torch.zeros(1)) if cfg.ad_bias else None
+
+    def init_base_rates(self, ctr: float, cvr: float) -> None:
+        """Start the global intercept at the data's CTR log-odds."""
+        if self.global_bias is not None:
+            with torch.no_grad():
+                self.global_bias.fill_(log_odds(ctr))
 
     @property
     def vector_dim(self) -> int:

@@ -6,6 +6,7 @@ shaped [B], behaviour sequences shaped [B, L] with 0 = padding (newest first).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -188,6 +189,22 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def init_output_bias(self, value: float) -> None:
+        """Start the output at a known log-odds. A click tower that starts at 0 (p = 0.5)
+        spends thousands of Adam steps walking its bias to a 2% base rate; starting there
+        lets every step go to the signal."""
+        last = self.net[-1]
+        if not isinstance(last, nn.Linear) or last.bias is None:
+            raise ValueError("init_output_bias needs an MLP ending in a biased linear layer")
+        with torch.no_grad():
+            last.bias.fill_(value)
+
+
+def log_odds(p: float) -> float:
+    """logit(p), clamped away from 0 and 1."""
+    p = min(max(float(p), 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
 
 
 def masked_sum(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

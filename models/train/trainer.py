@@ -138,6 +138,9 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
     catalog = encode_catalog(schema, market.ads)
     writer = BundleWriter(out_root, schema)
     info: dict[str, Any] = {"vectors": {}}
+    base_ctr = float(log.click[train_idx].mean())
+    clicked = log.click[train_idx] > 0
+    base_cvr = float(log.conversion[train_idx][clicked].mean()) if clicked.any() else 0.05
     try:
         for name in options.models:
             if name == "qscore":
@@ -146,6 +149,8 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
                 writer.manifest["priors"] = priors
                 continue
             model = build_model(name, schema, default_config(name))
+            if hasattr(model, "init_base_rates"):
+                model.init_base_rates(base_ctr, base_cvr)
             source: Any = log
             tr, va = train_idx, valid_idx
             if name == "cvr_base":  # ESMM's BASE: clicked impressions only

@@ -1,0 +1,63 @@
+"""`cascade funnel` measures the cascade against the full ranker over the whole corpus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from models.bundle import read_bundle
+from models.train.split import TimeSplit
+from services.gateway.funnel import Funnel, run_funnel, sample_requests, top_per_campaign
+
+CASCADE = [sys.executable, "-m", "cli.main"]
+
+
+@pytest.fixture(scope="module")
+def funnel(tiny_data, tiny_bundle):
+    return Funnel(str(tiny_bundle), tiny_data)
+
+
+def test_ideal_set_is_best_ecpm_one_per_campaign(funnel):
+    ids = funnel.catalog.cols.ad_ids[:50]
+    ecpm = np.linspace(1.0, 2.0, ids.size)
+    chosen = ids[top_per_campaign(funnel.catalog, ids, ecpm, 10)]
+    campaigns = funnel.catalog.cols.campaign_id[funnel.catalog.rows_of(chosen)]
+    assert len(set(campaigns.tolist())) == len(chosen) <= 10
+    assert chosen[0] == ids[-1]  # the highest eCPM leads
+
+
+def test_each_stage_keeps_a_subset_of_the_one_before(funnel, tiny_data):
+    split = TimeSplit.from_dict(funnel.bundle.manifest["split"])
+    req = sample_requests(tiny_data, split, 1, seed=3)[0]
+    stages = funnel.cascade(req)
+    assert set(stages["screen"].tolist()) <= set(stages["retrieval"].tolist())
+    assert set(stages["prerank"].tolist()) <= set(stages["screen"].tolist())
+    assert stages["prerank"].size <= funnel.config.k3
+    eligible = set(funnel.eligible(req.scene).tolist())
+    assert set(stages["screen"].tolist()) <= eligible
+
+
+def test_report_is_consistent(tiny_data, tiny_bundle):
+    result = run_funnel(tiny_data, tiny_bundle, requests=3, top_n=5)
+    survival = result["survival"]
+    assert 0.0 <= survival["prerank"] <= survival["screen"] <= survival["retrieval"] <= 1.0
+    assert result["reach_ranker"] == survival["prerank"]
+    assert 0.0 <= result["ecpm_lost"] <= 1.0
+    assert result["bundle"] == read_bundle(tiny_bundle).version
+
+
+def test_cli_writes_json(tiny_data, tiny_bundle, tmp_path):
+    out = tmp_path / "funnel.json"
+    proc = subprocess.run(CASCADE + ["funnel", "--data", str(tiny_data), "--bundle",
+                                     str(tiny_bundle), "--requests", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(out.read_text())["survival"]) == {"retrieval", "screen", "prerank"}
+    bad = subprocess.run(CASCADE + ["funnel", "--data", str(tmp_path), "--bundle",
+                                    str(tiny_bundle), "--out", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
