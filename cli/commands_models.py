@@ -12,7 +12,7 @@ from rich.table import Table
 from cli.main import app
 from cli.progress import RichProgress
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 120)
 
 
 @app.command()
@@ -90,14 +90,15 @@ def eval_command(
 
 
 def print_metrics(result: dict) -> None:
-    rows = {"oracle": result.get("oracle", {}), **result["models"]}
-    keys = sorted({k for m in rows.values() for k in m}, key=_metric_order)
+    """One row per metric, one column per model (the oracle first), so it fits a terminal."""
+    columns = {"oracle": result.get("oracle", {}), **result["models"]}
+    keys = sorted({k for m in columns.values() for k in m}, key=_metric_order)
     table = Table(title=f"test split: {result['rows']} impressions (bundle {result['bundle']})")
-    table.add_column("model")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
     for key in keys:
-        table.add_column(key, justify="right")
-    for name, metrics in rows.items():
-        table.add_row(name, *[_fmt(metrics.get(k)) for k in keys])
+        table.add_row(key, *[_fmt(metrics.get(key)) for metrics in columns.values()])
     console.print(table)
 
 

@@ -19,7 +19,7 @@ from services.stack.launcher import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"CASCADE_API_KEY": "e2e-front", "CASCADE_ADMIN_KEY": "e2e-admin",
-        "CASCADE_TOKEN_SECRET": "e2e-secret"}
+        "CASCADE_TOKEN_SECRET": "e2e-token-secret-of-32-bytes!!!"}
 CONTRACT_KEYS = {"offered_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "p999_ms",
                  "error_rate", "degraded_share", "stages"}
 
