@@ -22,8 +22,9 @@ def train(
                              "there and BUNDLES/current is switched to it."),
     models: str = typer.Option("all", "--models", help="Comma-separated subset of two_tower, dqm, "
                                "din_esmm, qscore, base, cvr_base."),
-    epochs: int = typer.Option(2, "--epochs", min=1, help="Maximum epochs (early stopping on "
-                               "validation loss may stop sooner)."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="Maximum epochs over all impressions "
+                               "(models trained on clicks only take 4x); the best epoch by "
+                               "validation loss is kept and training stops when it worsens."),
     batch_size: int = typer.Option(2048, "--batch-size", min=16),
     max_rows: int = typer.Option(0, "--max-rows", min=0, help="Train on the earliest N "
                                  "impressions only (0 = all)."),

@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--scale", default="small")
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--sample-rows", type=int, default=400_000)
+    parser.add_argument("--sample-rows", type=int, default=800_000)
     args = parser.parse_args()
     data, bundles = args.dir / "data", args.dir / "bundles"
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def main() -> None:
 
     step("2. train every model (on a sample, to keep the demo short) and evaluate")
     if not (bundles / "current" / "manifest.json").is_file():
-        run(["train", "--data", str(data), "--out", str(bundles), "--epochs", "2",
+        run(["train", "--data", str(data), "--out", str(bundles),
              "--sample-rows", str(args.sample_rows)])
         run(["eval", "--data", str(data), "--bundle", str(bundles),
              "--out", str(args.dir / "eval.json")])
