@@ -23,7 +23,7 @@ def train(
     models: str = typer.Option("all", "--models", help="Comma-separated subset of two_tower, dqm, "
                                "din_esmm, qscore, base, cvr_base."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Maximum epochs over all impressions "
-                               "(models trained on clicks only take 4x); the best epoch by "
+                               "(models trained on clicks only take 8x); the best epoch by "
                                "validation loss is kept and training stops when it worsens."),
     batch_size: int = typer.Option(2048, "--batch-size", min=16),
     max_rows: int = typer.Option(0, "--max-rows", min=0, help="Train on the earliest N "

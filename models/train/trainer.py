@@ -83,7 +83,7 @@ def _fit_config(name: str, base: FitConfig) -> FitConfig:
     more epochs instead, still early-stopped on their own validation rows."""
     if name not in CLICKED_ONLY:
         return base
-    return replace(base, batch_size=max(256, base.batch_size // 4), epochs=base.epochs * 4,
+    return replace(base, batch_size=max(256, base.batch_size // 4), epochs=base.epochs * 8,
                    patience=max(base.patience, 1))
 
 
