@@ -113,3 +113,20 @@ def test_two_thousand_candidates_take_well_under_a_millisecond(bundle, catalog):
         times.append(time.perf_counter() - start)
     # ~0.1-0.25 ms measured on the shared 2-core box; the bound leaves room for noisy CI.
     assert np.median(times) < 2e-3
+
+
+def test_click_values_rank_by_expected_ecpm(bundle, catalog):
+    """With click values, the top K is by pCTR x value: a low-pCTR ad worth far more per
+    click survives the cut that pCTR alone would make."""
+    pre = PreRanker.from_bundle(bundle)
+    ids = np.asarray(catalog["ad_id"][:300], dtype=np.int64)
+    base = pre.prerank(PrerankQuery(ids, "home_feed", USER, HIST, CONTEXT, k=300))
+    worst = int(base.ad_ids[-1])  # lowest pCTR of all
+    values = np.where(ids == worst, 1e6, 1.0)
+    by_value = pre.prerank(PrerankQuery(ids, "home_feed", USER, HIST, CONTEXT, k=10,
+                                        values=values))
+    assert int(by_value.ad_ids[0]) == worst
+    assert worst not in pre.prerank(PrerankQuery(ids, "home_feed", USER, HIST, CONTEXT,
+                                                 k=10)).ad_ids.tolist()
+    with pytest.raises(ValueError, match="values"):
+        pre.prerank(PrerankQuery(ids, "home_feed", USER, HIST, CONTEXT, values=values[:5]))

@@ -88,16 +88,16 @@ class HttpError(Exception):
         self.status, self.detail, self.field = status, detail, field
 
 
-def _json(status: int, body: dict[str, Any]) -> Response:
+def json_response(status: int, body: dict[str, Any]) -> Response:
     return Response(orjson.dumps(body, default=str), status_code=status,
                     media_type=wire.JSON)
 
 
-def _error(exc: HttpError) -> Response:
+def error_response(exc: HttpError) -> Response:
     body: dict[str, Any] = {"detail": exc.detail}
     if exc.field is not None:
         body["field"] = exc.field
-    return _json(exc.status, body)
+    return json_response(exc.status, body)
 
 
 def _validation_error(exc: ValidationError) -> HttpError:
@@ -264,13 +264,13 @@ def _route(runtime: StageRuntime, endpoint: Endpoint,
         except DeadlineExceeded as exc:
             status = 504
             runtime.metrics.count_deadline(endpoint.path)
-            return _json(504, {"detail": "deadline exceeded", "reason": str(exc)})
+            return json_response(504, {"detail": "deadline exceeded", "reason": str(exc)})
         except HttpError as exc:
             status = exc.status
-            return _error(exc)
+            return error_response(exc)
         except ValueError as exc:  # a handler refusing its input (e.g. wrong vector size)
             status = 422
-            return _json(422, {"detail": str(exc)})
+            return json_response(422, {"detail": str(exc)})
         finally:
             runtime.metrics.count_response(endpoint.path, status)
 
@@ -303,14 +303,14 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return _json(200, {"status": "ok", "stage": name})
+        return json_response(200, {"status": "ok", "stage": name})
 
     @app.get("/readyz")
     async def readyz() -> Response:
         current = runtime.state
         if current is None:
-            return _json(503, {"ready": False, "stage": name, "error": runtime.load_error})
-        return _json(200, {"ready": True, "stage": name, "version": str(current.version)})
+            return json_response(503, {"ready": False, "stage": name, "error": runtime.load_error})
+        return json_response(200, {"ready": True, "stage": name, "version": str(current.version)})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -329,7 +329,7 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
             result = await anyio.to_thread.run_sync(runtime.load, asked.bundle or None)
             return Response(wire.encode(result), media_type=wire.JSON)
         except HttpError as exc:
-            return _error(exc)
+            return error_response(exc)
 
     for endpoint in endpoints:
         app.add_api_route(endpoint.path, _route(runtime, endpoint, admin_key), methods=["POST"],

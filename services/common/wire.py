@@ -186,6 +186,9 @@ class RecallResponse(WireModel):
 class PrerankRequest(_UserPart):
     k: int = Field(default=200, ge=1)
     ad_ids: IntArray = Field(default_factory=_empty_ints)
+    # Click value per candidate (micros, aligned with ad_ids). When given, the top K is by
+    # expected eCPM, pCTR x value, so a high-value ad is not cut for a slightly lower pCTR.
+    values: FloatArray | None = None
 
 
 class PrerankResponse(WireModel):

@@ -16,28 +16,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request, Response
 from pydantic import ValidationError
 
 from services.common import wire
 from services.common.config import Settings
-from services.common.stage_app import HttpError, read_body
+from services.common.stage_app import HttpError, error_response, json_response, read_body
 from services.common.telemetry import METRICS_CONTENT_TYPE
 from services.gateway.service import EventRejected, Gateway
 
 EVENT_BODY_LIMIT = 16 * 1024
-
-
-def json_response(status: int, body: dict[str, Any]) -> Response:
-    return Response(orjson.dumps(body, default=str), status_code=status, media_type=wire.JSON)
-
-
-def error_response(exc: HttpError) -> Response:
-    body: dict[str, Any] = {"detail": exc.detail}
-    if exc.field is not None:
-        body["field"] = exc.field
-    return json_response(exc.status, body)
 
 
 def validation_error(exc: ValidationError) -> HttpError:

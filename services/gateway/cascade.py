@@ -34,7 +34,7 @@ from services.common.store import OnlineStore, UserContext
 from services.gateway.auction import Candidate, Reserve, Winner, run_auction
 from services.gateway.catalog import Catalog
 from services.gateway.clients import StageClient
-from services.gateway.screening import QscoreTable, Screened, ScreenPolicy, screen
+from services.gateway.screening import QscoreTable, Screened, ScreenPolicy, click_value, screen
 from services.gateway.tokens import TokenSigner
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,9 @@ class Cascade:
         if screened.ad_ids.size:
             pre = await self._guarded(
                 rec, self._step_deadline(STEP["prerank"], deadline, budget_ms),
-                lambda d: self.prerank.call(
-                    wire.PrerankRequest(**part, k=cfg.k3, ad_ids=screened.ad_ids), d))
+                lambda d: self.prerank.call(wire.PrerankRequest(
+                    **part, k=cfg.k3, ad_ids=screened.ad_ids,
+                    values=click_value(self.catalog, screened.rows, self.prior_cvr)), d))
             if pre is not None:
                 order, scores = pre.ad_ids[:cfg.k3], pre.scores[:cfg.k3]
         rec.count_out = int(order.size)

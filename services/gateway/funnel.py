@@ -27,7 +27,7 @@ from services.common.store_load import load_marketplace
 from services.common.store_memory import MemoryStore
 from services.gateway.cascade import GatewayConfig
 from services.gateway.catalog import Catalog
-from services.gateway.screening import QscoreTable, ScreenPolicy, screen
+from services.gateway.screening import QscoreTable, ScreenPolicy, click_value, screen
 from services.gateway.stage_loaders import bundle_priors, load_stage
 
 RANK_CHUNK = 4096
@@ -74,7 +74,7 @@ def _ecpm(catalog: Catalog, ad_ids: np.ndarray, pctr: np.ndarray, pcvr: np.ndarr
     rows = catalog.rows_of(ad_ids)
     c = catalog.cols
     value = np.where(c.ocpa[rows], c.target_cpa_micros[rows] * pcvr, c.bid_micros[rows])
-    return 1000.0 * value * pctr
+    return 1000.0 * value * pctr  # the auction's eCPM (auction.ecpm), vectorised
 
 
 def top_per_campaign(catalog: Catalog, ad_ids: np.ndarray, ecpm: np.ndarray, n: int) -> np.ndarray:
@@ -132,7 +132,8 @@ class Funnel:
                           qscores=self.qscores, pacing=lambda ids: ids,
                           policy=ScreenPolicy(k=cfg.k2, freq_cap=0, prior_cvr=self.prior_cvr))
         preranked = self.prerank.handle(wire.PrerankRequest(
-            **part, ad_ids=screened.ad_ids, k=cfg.k3)).ad_ids
+            **part, ad_ids=screened.ad_ids, k=cfg.k3,
+            values=click_value(self.catalog, screened.rows, self.prior_cvr))).ad_ids
         return {"retrieval": recalled, "screen": screened.ad_ids, "prerank": preranked}
 
     def measure(self, req: FunnelRequest, top_n: int) -> dict[str, float]:

@@ -111,13 +111,18 @@ class Screened:
     dropped: dict[str, int]
 
 
+def click_value(catalog: Catalog, rows: np.ndarray, prior_cvr: float) -> np.ndarray:
+    """What a click is worth to the auction before ranking: the CPC bid, or for oCPA the
+    target CPA x a prior CVR (micros)."""
+    c = catalog.cols
+    return np.where(c.ocpa[rows], c.target_cpa_micros[rows] * prior_cvr,
+                    c.bid_micros[rows].astype(np.float64))
+
+
 def qscore_estimate(catalog: Catalog, rows: np.ndarray, qctr: np.ndarray,
                     prior_cvr: float) -> np.ndarray:
-    """1000 x qCTR x (CPC bid | target CPA x prior CVR), in micros per mille."""
-    c = catalog.cols
-    value = np.where(c.ocpa[rows], c.target_cpa_micros[rows] * prior_cvr,
-                     c.bid_micros[rows].astype(np.float64))
-    return 1000.0 * qctr * value
+    """1000 x qCTR x click value, in micros per mille."""
+    return 1000.0 * qctr * click_value(catalog, rows, prior_cvr)
 
 
 def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catalog: Catalog,

@@ -47,6 +47,7 @@ class PrerankQuery:
     hist: dict[str, Any]
     context: dict[str, Any]
     k: int = DEFAULT_K
+    values: np.ndarray | None = None  # click value per candidate: rank by pCTR x value
 
 
 @dataclass(frozen=True)
@@ -136,14 +137,21 @@ class PreRanker:
                                                                          query.context)
         snapshot = self.ads.snapshot()
         ids = np.asarray(query.ad_ids, dtype=np.int64)
+        values = query.values
+        if values is not None and len(values) != ids.size:
+            raise ValueError(f"values: {len(values)} entries for {ids.size} ad_ids")
         rows, known = self.ads.rows(ids, snapshot)
         unknown = int(ids.size - np.count_nonzero(known))
         if unknown:
             ids, rows = ids[known], rows[known]
+            values = values[known] if values is not None else None
             with self._lock:
                 self.unknown_total += unknown
         logits = snapshot.columns["vector"][rows] @ q  # one gather + one matrix product
-        best = top_k(logits, min(int(query.k), logits.size))
+        order_by = logits
+        if values is not None:  # log(pCTR x value), monotone in expected eCPM
+            order_by = -np.logaddexp(0.0, -logits) + np.log(np.maximum(values, 1e-9))
+        best = top_k(order_by, min(int(query.k), logits.size))
         return PrerankResult(ids[best], _sigmoid(logits[best]), unknown)
 
     # ---- catalog updates ------------------------------------------------------------------

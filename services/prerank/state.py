@@ -30,7 +30,7 @@ class PrerankState:
             deadline.check("pre-ranking")
         result = self.preranker.prerank(PrerankQuery(
             ad_ids=request.ad_ids, scene=request.scene, user=request.user, hist=request.hist,
-            context=request.context, k=request.k))
+            context=request.context, k=request.k, values=request.values))
         return wire.PrerankResponse(ad_ids=result.ad_ids, scores=result.scores,
                                     info=wire.StageInfo(model_version=self.version))
 

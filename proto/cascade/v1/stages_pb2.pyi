@@ -108,7 +108,7 @@ class RecallResponse(_message.Message):
     def __init__(self, ad_ids: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., channel: _Optional[str] = ..., eligible: _Optional[int] = ..., info: _Optional[_Union[StageInfo, _Mapping]] = ...) -> None: ...
 
 class PrerankRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "scene", "k", "user", "hist", "context", "ad_ids")
+    __slots__ = ("request_id", "user_id", "scene", "k", "user", "hist", "context", "ad_ids", "values")
     class UserEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class PrerankRequest(_message.Message):
     HIST_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     AD_IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     scene: str
@@ -146,7 +147,8 @@ class PrerankRequest(_message.Message):
     hist: _containers.MessageMap[str, Column]
     context: _containers.MessageMap[str, Scalar]
     ad_ids: bytes
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., k: _Optional[int] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., ad_ids: _Optional[bytes] = ...) -> None: ...
+    values: bytes
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., k: _Optional[int] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., ad_ids: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class PrerankResponse(_message.Message):
     __slots__ = ("ad_ids", "scores", "info")
