@@ -119,9 +119,55 @@ def quality(args: argparse.Namespace) -> None:
              "| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |")
+    lines += ["", *quality_goals(result)]
+    if args.time_log:
+        wall, rss = parse_time_log(Path(args.time_log).read_text())
+        lines += ["", f"`cascade train` of every model took {wall} wall time with a peak of "
+                  f"{rss / 1024 / 1024:.1f} GiB (`/usr/bin/time -v`)."]
     if args.note:
         lines += ["", args.note]
     replace_block("quality", "\n".join(lines))
+
+
+def parse_time_log(text: str) -> tuple[str, float]:
+    """(wall clock, max RSS in KiB) from GNU time's -v report."""
+    wall = re.search(r"Elapsed \(wall clock\) time .*?: (\S+)", text)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    if not wall or not rss:
+        raise SystemExit("--time-log: not a `/usr/bin/time -v` report")
+    return wall.group(1), float(rss.group(1))
+
+
+def quality_goals(result: dict) -> list[str]:
+    """The models issue's goals, each checked against the eval JSON."""
+    m, o = result["models"], result.get("oracle", {})
+    din, base, cvr, dqm, qs = (m.get(k, {}) for k in ("din_esmm", "base", "cvr_base", "dqm",
+                                                      "qscore"))
+    rows = []
+
+    def goal(text: str, measured: str, met: bool) -> None:
+        rows.append(f"| {text} | {measured} | {'met' if met else 'missed'} |")
+
+    if din and o:
+        gap = o["ctr_auc"] - din["ctr_auc"]
+        goal("DIN+ESMM CTR AUC within 0.01 of the oracle", f"{gap:+.4f} below", gap <= 0.01)
+    if din and base:
+        diff = din["ctr_auc"] - base["ctr_auc"]
+        goal("DIN beats `base` (CTR AUC)", f"{diff:+.4f}", diff > 0)
+    if din and cvr:
+        fid = din["cvr_fidelity"] - cvr["cvr_fidelity"]
+        goal("ESMM CVR fidelity beats `cvr_base` by +0.05", f"{fid:+.4f}", fid >= 0.05)
+        auc_diff = din["cvr_auc"] - cvr["cvr_auc"]
+        goal("ESMM CVR AUC (clicked) no worse than `cvr_base`", f"{auc_diff:+.4f}",
+             auc_diff >= 0)
+    if din:
+        goal("CTR calibration within 10%", f"{din['calibration']:.4f}",
+             abs(din["calibration"] - 1) <= 0.10)
+    if dqm and qs and din:
+        goal("Qscore < DQM < DIN (CTR AUC)",
+             f"{qs['ctr_auc']:.4f} < {dqm['ctr_auc']:.4f} < {din['ctr_auc']:.4f}",
+             qs["ctr_auc"] < dqm["ctr_auc"] < din["ctr_auc"])
+    return ["| goal | measured | |", "|---|---|---|", *rows]
 
 
 def stages(args: argparse.Namespace) -> None:
@@ -178,6 +224,8 @@ def main() -> None:
         p.add_argument(flag, required=True)
         p.add_argument("--command", required=True)
         p.add_argument("--note", default="")
+        if name == "quality":
+            p.add_argument("--time-log", default="")
         if name == "load":
             p.add_argument("--plot", default="")
             p.add_argument("--block", default="load")
