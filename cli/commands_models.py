@@ -34,12 +34,16 @@ def train(
     device: str = typer.Option("", "--device", help="cpu or cuda (default: CUDA when present)."),
     flat_below: int = typer.Option(50_000, "--flat-below", min=1, help="Exact faiss index below "
                                    "this many ads, IVF above."),
+    value_weight: float | None = typer.Option(
+        None, "--value-weight", min=0.0, help="Value-aware retrieval: the index scores "
+        "cos(u, a) + W x (log eCPM_a - mean log eCPM), eCPM the ad's Qscore estimate "
+        "(needs qscore). Default: the two-tower temperature; 0 = cosine only."),
 ) -> None:
     """Train every model on a time split and publish one bundle."""
     from models.train.loop import FitConfig
     from models.train.trainer import TrainOptions, parse_models
     from models.train.trainer import train as run_train
-    from services.retrieval.index import build_index_file
+    from services.retrieval.index import add_bundle_index
 
     options = TrainOptions(
         models=parse_models(models),
@@ -50,10 +54,7 @@ def train(
     )
     writer, info = run_train(data, out, options, RichProgress())
     try:
-        if "two_tower" in info["vectors"]:
-            spec = build_index_file(writer.staging, info["vectors"]["two_tower"], info["ad_ids"],
-                                    exact_below=flat_below, queries=info.get("user_queries"))
-            writer.manifest["index"] = {"file": "faiss.index", **spec.to_dict()}
+        add_bundle_index(writer, info, value_weight=value_weight, exact_below=flat_below)
         path = writer.commit()
     except BaseException:
         writer.abort()
@@ -69,7 +70,8 @@ def train(
     if "index" in writer.manifest:
         idx = writer.manifest["index"]
         console.print(f"faiss index: {idx['kind']} nlist={idx['nlist']} nprobe={idx['nprobe']} "
-                      f"recall@{idx['k']}={idx['recall_at_k']}")
+                      f"recall@{idx['k']}={idx['recall_at_k']}, value weight "
+                      f"{idx.get('value_weight', 0.0):g} (mu {idx.get('value_mu', 0.0):.3f})")
 
 
 @app.command("eval")

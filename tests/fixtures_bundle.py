@@ -13,7 +13,7 @@ import pytest
 
 from models.train.loop import FitConfig
 from models.train.trainer import TrainOptions, train
-from services.retrieval.index import INDEX_FILE, build_index_file
+from services.retrieval.index import add_bundle_index
 
 # What the serving path needs (recall, pre-rank, rank, cold start): the eval-only baselines
 # (`base`, `cvr_base`) would double the fixture's training time.
@@ -21,16 +21,15 @@ FIXTURE_MODELS = ("two_tower", "dqm", "din_esmm", "qscore")
 
 
 def build_bundle(data_dir: Path, out_root: Path, *, max_train_rows: int = 20_000,
-                 models: tuple[str, ...] = FIXTURE_MODELS) -> Path:
-    """Train briefly and publish a bundle under `out_root`; returns the version directory."""
+                 models: tuple[str, ...] = FIXTURE_MODELS,
+                 value_weight: float | None = None) -> Path:
+    """Train briefly and publish a bundle under `out_root`; returns the version directory.
+    `value_weight`: as `cascade train --value-weight` (None: the two-tower temperature)."""
     options = TrainOptions(models=models, device="cpu",
                            fit=FitConfig(epochs=1, max_train_rows=max_train_rows))
     writer, info = train(data_dir, out_root, options)
     try:
-        if "two_tower" in info["vectors"]:
-            spec = build_index_file(writer.staging, info["vectors"]["two_tower"], info["ad_ids"],
-                                    queries=info.get("user_queries"))
-            writer.manifest["index"] = {"file": INDEX_FILE, **spec.to_dict()}
+        add_bundle_index(writer, info, value_weight=value_weight)
         return writer.commit()
     except BaseException:
         writer.abort()

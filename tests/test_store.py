@@ -257,3 +257,17 @@ def test_load_store_cli_errors_are_one_line(tmp_path, capsys, monkeypatch) -> No
     code, _, err = _cli(["load-store", "--data", str(tmp_path / "nope")], capsys)
     assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
 
+
+
+async def test_changed_counters_are_listed_once_moved(store) -> None:
+    """Gateways refresh only what moved: counter writes mark their ids with the time."""
+    import time
+
+    before = time.time() - 0.001
+    await store.incr_qscore(7, impressions=1)
+    await store.incr_spend(3, "20261123", 500)
+    assert await store.changed_since("qs", before) == [7]
+    assert await store.changed_since("spend", before) == [3]
+    assert await store.changed_since("qs", time.time() + 1) == []
+    with pytest.raises(ValueError, match="unknown counter kind"):
+        await store.changed_since("caps", before)

@@ -139,7 +139,11 @@ def _ad_vectors(model: torch.nn.Module, catalog: dict[str, np.ndarray],
 
 def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
           progress: Progress | None = None) -> tuple[BundleWriter, dict[str, Any]]:
-    """Train the requested models and stage a bundle (the caller commits it)."""
+    """Train the requested models and stage a bundle (the caller commits it).
+
+    `info`: "vectors" (model -> ad vectors), "ad_ids" (their rows), "user_queries" (sample
+    two-tower user vectors) and, with qscore, "cold_ecpm" (each ad's Qscore eCPM estimate,
+    row-aligned with "ad_ids": the value of a value-aware index)."""
     started = time.time()
     data_dir = layout.require_dataset(data_dir)
     schema = dataset_schema(data_dir)
@@ -157,7 +161,8 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
     try:
         for name in options.models:
             if name == "qscore":
-                entry, priors = _train_qscore(writer, log, train_idx, market.ads)
+                entry, priors, info["cold_ecpm"] = _train_qscore(writer, log, train_idx,
+                                                                  market.ads)
                 writer.add_model("qscore", entry)
                 writer.manifest["priors"] = priors
                 continue
@@ -213,11 +218,13 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
 
 
 def _train_qscore(writer: BundleWriter, log: EncodedLog, train_idx: np.ndarray,
-                  ads: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, float]]:
+                  ads: dict[str, np.ndarray],
+                  ) -> tuple[dict[str, Any], dict[str, float], np.ndarray]:
     """Empirical-Bayes prior from training counts; the counts seed the online counters.
 
     Also writes each ad's Qscore eCPM estimate, the order of retrieval's cold-start channel
-    (1000 x posterior CTR x click value, where an oCPA click is worth target CPA x prior CVR).
+    (1000 x posterior CTR x click value, where an oCPA click is worth target CPA x prior CVR)
+    and the value a value-aware index weights by; returned too, row-aligned with `ads`.
     """
     ad_ids = ads["ad_id"].astype(np.int64)
     order = np.argsort(ad_ids)
@@ -232,11 +239,11 @@ def _train_qscore(writer: BundleWriter, log: EncodedLog, train_idx: np.ndarray,
     qctr = prior.score(impressions, clicks)
     click_value = np.where(ads["bid_type"] == "ocpa", ads["target_cpa_micros"] * prior_cvr,
                            ads["bid_micros"]).astype(np.float64)
-    writer.save_arrays(COLD_START_FILE, {"ad_ids": ad_ids,
-                                         "ecpm": (1000.0 * qctr * click_value).astype(np.float32)})
+    ecpm = (1000.0 * qctr * click_value).astype(np.float32)
+    writer.save_arrays(COLD_START_FILE, {"ad_ids": ad_ids, "ecpm": ecpm})
     entry = {"file": QSCORE_COUNTS_FILE, "prior": prior.to_dict(),
              "prior_mean": round(prior.prior_mean, 6), "cold_start": COLD_START_FILE}
-    return entry, {"ctr": prior.prior_mean, "cvr": prior_cvr}
+    return entry, {"ctr": prior.prior_mean, "cvr": prior_cvr}, ecpm
 
 
 def _user_queries(model: torch.nn.Module, log: EncodedLog, idx: np.ndarray,

@@ -217,9 +217,24 @@ class OnlineStore(Protocol):
     async def incr_cap(self, user_id: UserId, day: str, campaign_id: int, n: int = 1) -> int: ...
     async def incr_spend(self, campaign_id: int, day: str, micros: int) -> int: ...
     async def get_spend(self, campaign_ids: Iterable[int], day: str) -> dict[int, int]: ...
+    async def changed_since(self, kind: str, since: float) -> list[int]:
+        """Ids whose `kind` counter ('qs': ad Qscore counts, 'spend': campaign spend) moved
+        after wall-clock time `since`: lets every gateway replica refresh its local snapshot
+        of a million-ad catalog in O(changes), whichever replica's worker applied them."""
+        ...
     async def dedupe_event(self, event_id: str, window_s: float) -> bool: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
+
+
+CHANGED_KINDS = ("qs", "spend")
+CHANGED_KEEP_S = 86_400.0  # change marks older than a day are trimmed
+
+
+def check_changed_kind(kind: str) -> str:
+    if kind not in CHANGED_KINDS:
+        raise ValueError(f"unknown counter kind '{kind}' (expected one of {list(CHANGED_KINDS)})")
+    return kind
 
 
 def check_status(status: str) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 from services.common.store import (
     CAP_TTL_S,
+    CHANGED_KEEP_S,
+    CHANGED_KINDS,
     DEFAULT_SEQUENCE_LEN,
     SPEND_TTL_S,
     Ad,
@@ -23,6 +25,7 @@ from services.common.store import (
     UserContext,
     UserId,
     UserProfile,
+    check_changed_kind,
     check_status,
     decode_profile,
     profile_fields,
@@ -42,6 +45,8 @@ class MemoryStore:
         self._ads: dict[int, Ad] = {}
         self._campaigns: dict[int, Campaign] = {}
         self._qs: dict[int, list[int]] = {}
+        # wall-clock time each counter last moved, per kind (see OnlineStore.changed_since)
+        self._changed: dict[str, dict[int, float]] = {k: {} for k in CHANGED_KINDS}
         self._caps: dict[tuple[str, str], tuple[float, dict[int, int]]] = {}
         self._spend: dict[tuple[int, str], tuple[float, int]] = {}
         self._events: dict[str, float] = {}
@@ -184,6 +189,7 @@ class MemoryStore:
         counts = self._qs.setdefault(int(ad_id), [0, 0])
         counts[0] += int(impressions)
         counts[1] += int(clicks)
+        self._changed["qs"][int(ad_id)] = time.time()
 
     async def get_qscores(self, ad_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
         out: dict[int, tuple[int, int]] = {}
@@ -209,7 +215,15 @@ class MemoryStore:
         expires, total = self._spend.get(key, (0.0, 0))
         total = (total if expires > now else 0) + int(micros)
         self._spend[key] = (now + SPEND_TTL_S, total)
+        self._changed["spend"][int(campaign_id)] = time.time()
         return total
+
+    async def changed_since(self, kind: str, since: float) -> list[int]:
+        changed = self._changed[check_changed_kind(kind)]
+        horizon = time.time() - CHANGED_KEEP_S
+        for stale in [i for i, t in changed.items() if t < horizon]:
+            del changed[stale]
+        return [i for i, t in changed.items() if t > since]
 
     async def get_spend(self, campaign_ids: Iterable[int], day: str) -> dict[int, int]:
         now = self._clock()

@@ -8,6 +8,7 @@ trips rather than 100k.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from itertools import islice
@@ -18,6 +19,7 @@ import redis.asyncio as aioredis
 
 from services.common.store import (
     CAP_TTL_S,
+    CHANGED_KEEP_S,
     DEFAULT_SEQUENCE_LEN,
     SPEND_TTL_S,
     Ad,
@@ -26,6 +28,7 @@ from services.common.store import (
     UserContext,
     UserId,
     UserProfile,
+    check_changed_kind,
     check_status,
     decode_profile,
     profile_fields,
@@ -335,6 +338,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.hincrby(key, "impressions", int(impressions))
         pipe.hincrby(key, "clicks", int(clicks))
+        pipe.zadd(self.key("changed", "qs"), {str(int(ad_id)): time.time()})
         await pipe.execute()
 
     async def get_qscores(self, ad_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
@@ -361,8 +365,17 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.incrby(key, int(micros))
         pipe.expire(key, SPEND_TTL_S)
-        total, _ = await pipe.execute()
+        pipe.zadd(self.key("changed", "spend"), {str(int(campaign_id)): time.time()})
+        total, *_ = await pipe.execute()
         return int(total)
+
+    async def changed_since(self, kind: str, since: float) -> list[int]:
+        key = self.key("changed", check_changed_kind(kind))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zremrangebyscore(key, "-inf", time.time() - CHANGED_KEEP_S)
+        pipe.zrangebyscore(key, f"({since}", "+inf")
+        _, ids = await pipe.execute()
+        return [int(i) for i in ids]
 
     async def get_spend(self, campaign_ids: Iterable[int], day: str) -> dict[int, int]:
         ids = [int(c) for c in campaign_ids]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ import numpy as np
 from models.nn.qscore import Qscore
 from services.common.store import OnlineStore
 from services.gateway.catalog import Catalog
+from services.gateway.pacing import CHANGE_SKEW_S
 
 log = logging.getLogger(__name__)
 
@@ -38,51 +40,82 @@ DEFAULT_PRIOR = Qscore(1.0, 99.0)
 
 
 class QscoreTable:
-    """Per-ad posterior CTR: bundle counts + online counters, smoothed by the fitted prior."""
+    """Per-ad posterior CTR: bundle counts + online counters, smoothed by the fitted prior.
+
+    Sized for a million-ad catalog: the bundle's counts live in sorted numpy arrays, and a
+    refresh re-reads only the online counters that moved since the last one
+    (`store.changed_since('qs')`, marked by whichever replica's worker applied the events).
+    """
 
     def __init__(self, prior: Qscore = DEFAULT_PRIOR,
                  base: Mapping[int, tuple[int, int]] | None = None) -> None:
         self.prior = prior
-        self._base = dict(base or {})
-        self._online: dict[int, tuple[int, int]] = {}
-        self._ids = np.empty(0, np.int64)
-        self._ctr = np.empty(0, np.float64)
-        self._rebuild()
+        base = base or {}
+        self._ids = np.fromiter(base.keys(), np.int64, len(base))
+        counts = np.asarray(list(base.values()), np.float64).reshape(-1, 2)
+        order = np.argsort(self._ids)
+        self._ids = self._ids[order]
+        self._base_imps, self._base_clicks = counts[order, 0], counts[order, 1]
+        self._ctr = prior.score(self._base_imps, self._base_clicks)
+        self._online_ids = np.empty(0, np.int64)  # sorted ids with online counters
+        self._online_ctr = np.empty(0, np.float64)
+        self._changes_read_at = 0.0
 
-    def _rebuild(self) -> None:
-        ids = sorted(set(self._base) | set(self._online))
-        imps = np.zeros(len(ids), np.float64)
-        clicks = np.zeros(len(ids), np.float64)
-        for i, ad_id in enumerate(ids):
-            bi, bc = self._base.get(ad_id, (0, 0))
-            oi, oc = self._online.get(ad_id, (0, 0))
-            imps[i], clicks[i] = bi + oi, min(bc + oc, bi + oi)
-        self._ids = np.asarray(ids, dtype=np.int64)
-        self._ctr = self.prior.score(imps, clicks)
+    def _base_counts(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        imps, clicks = np.zeros(ids.size), np.zeros(ids.size)
+        if self._ids.size and ids.size:
+            pos = np.clip(np.searchsorted(self._ids, ids), 0, self._ids.size - 1)
+            hit = self._ids[pos] == ids
+            imps[hit], clicks[hit] = self._base_imps[pos[hit]], self._base_clicks[pos[hit]]
+        return imps, clicks
 
     def set_online(self, counts: Mapping[int, tuple[int, int]]) -> None:
-        self._online = dict(counts)
-        self._rebuild()
+        """Online counters (absolute, per ad) on top of the bundle's counts."""
+        merged = dict(zip(self._online_ids.tolist(), self._online_ctr.tolist(), strict=True))
+        if counts:
+            ids = np.fromiter(counts.keys(), np.int64, len(counts))
+            online = np.asarray(list(counts.values()), np.float64).reshape(-1, 2)
+            base_imps, base_clicks = self._base_counts(ids)
+            imps = base_imps + online[:, 0]
+            clicks = np.minimum(base_clicks + online[:, 1], imps)
+            merged.update(zip(ids.tolist(), self.prior.score(imps, clicks).tolist(),
+                              strict=True))
+        ids = np.fromiter(merged.keys(), np.int64, len(merged))
+        order = np.argsort(ids)
+        self._online_ids = ids[order]
+        self._online_ctr = np.fromiter(merged.values(), np.float64, len(merged))[order]
 
     def ctr(self, ad_ids: np.ndarray) -> np.ndarray:
         """Posterior CTR per ad; the prior mean for ads with no counts."""
         ids = np.asarray(ad_ids, dtype=np.int64)
         out = np.full(ids.shape, self.prior.prior_mean, np.float64)
-        if self._ids.size and ids.size:
-            pos = np.clip(np.searchsorted(self._ids, ids), 0, self._ids.size - 1)
-            hit = self._ids[pos] == ids
-            out[hit] = self._ctr[pos[hit]]
+        for table_ids, table_ctr in ((self._ids, self._ctr),
+                                     (self._online_ids, self._online_ctr)):
+            if table_ids.size and ids.size:
+                pos = np.clip(np.searchsorted(table_ids, ids), 0, table_ids.size - 1)
+                hit = table_ids[pos] == ids
+                out[hit] = table_ctr[pos[hit]]
         return out
 
-    async def refresh(self, store: OnlineStore, ad_ids: Iterable[int]) -> None:
-        counts = await store.get_qscores(list(ad_ids))
-        self.set_online({k: (int(v[0]), int(v[1])) for k, v in counts.items()})
+    async def refresh(self, store: OnlineStore, ad_ids: Iterable[int] | None = None) -> None:
+        """Re-read the counters of `ad_ids`, or of every ad whose counters moved since the
+        last refresh; the rebuild runs off the event loop."""
+        read_at = time.time()
+        if ad_ids is None:
+            ids = await store.changed_since("qs", self._changes_read_at - CHANGE_SKEW_S)
+        else:
+            ids = list(ad_ids)
+        if ids:
+            counts = await store.get_qscores(ids)
+            nonzero = {k: (int(v[0]), int(v[1])) for k, v in counts.items() if v[0] or v[1]}
+            await asyncio.to_thread(self.set_online, nonzero)
+        self._changes_read_at = read_at
 
     async def run(self, store: OnlineStore, catalog: Catalog, stop: asyncio.Event,
                   refresh_s: float = 5.0) -> None:
         while not stop.is_set():
             try:
-                await self.refresh(store, catalog.ads.keys())
+                await self.refresh(store)
             except Exception:  # noqa: BLE001 - keep the last snapshot
                 log.exception("qscore refresh failed; keeping the previous counters")
             try:

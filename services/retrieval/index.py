@@ -11,6 +11,16 @@ Ids stored in the index are ad ids (`IndexIDMap2` for flat, `add_with_ids` for I
 positions, so a faiss file on its own still names ads. Files are written with `faiss.write_index`
 (no pickle).
 
+Value-aware retrieval: cosine alone ignores what an ad is worth, so the ranker's best ads by eCPM
+often never reach it. With a value weight w > 0 the index scores cos(u, a) + w·(log v_a − mu),
+where v_a is the ad's Qscore eCPM estimate (the cold-start file) and mu the catalog's mean log
+value (the extra term is centred). The default w is the two-tower temperature: the two-tower
+logit is cos/tau, so adding log value to the logit ranks by cos + tau·log v. It stays one inner
+product search: ads are indexed as a' = [a/|a|, w·(log v_a − mu)] and queries as u' = [u/|u|, 1]
+(`value_augment`, `augment_queries`); w, mu and the floor that stands in for v <= 0 are recorded
+in the IndexSpec (so in manifest["index"]), and serving (`Recall`) augments user vectors and
+newly added ads the same way. w = 0 disables it (plain unit vectors, as before).
+
 OpenMP: set OMP_WAIT_POLICY=PASSIVE before faiss (or torch) first loads its OpenMP runtime, or
 idle OpenMP workers spin and steal the CPU from the other request threads. We `setdefault` it
 here, which only helps when this module is the first to import faiss; `cascade serve` sets it too.
@@ -18,9 +28,10 @@ here, which only helps when this module is the first to import faiss; `cascade s
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +39,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 EXACT_BELOW = 50_000
 TARGET_RECALL = 0.95
@@ -45,7 +58,17 @@ class IndexSpec:
     recall_at_k: float  # measured against exact search on the sample queries
     k: int  # the K that recall was measured at
     n: int  # ads in the index when built
-    dim: int
+    dim: int  # of the indexed vectors: the ad-tower dim, +1 when value-aware
+    value_weight: float = 0.0  # w of the value term; 0: plain cosine retrieval
+    value_mu: float = 0.0  # mean log eCPM over the catalog (centres the value term)
+    value_floor: float = 0.0  # eCPM used for an ad whose estimate is <= 0 (catalog minimum)
+
+    @property
+    def value(self) -> ValueTerm | None:
+        """The value term the index was built with, None for a plain cosine index."""
+        if self.value_weight <= 0:
+            return None
+        return ValueTerm(self.value_weight, self.value_mu, self.value_floor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +77,57 @@ class IndexSpec:
     def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ValueTerm:
+    """The extra ad component w·(log v − mu) of a value-aware index."""
+
+    weight: float
+    mu: float
+    floor: float  # smallest positive eCPM of the catalog: stands in for estimates <= 0
+
+    def column(self, ecpm: np.ndarray | float) -> np.ndarray:
+        """w·(log max(v, floor) − mu) per ad, float32 [N]."""
+        v = np.atleast_1d(np.asarray(ecpm, dtype=np.float64))
+        v = np.where(np.isfinite(v) & (v > 0), v, self.floor)
+        return (self.weight * (np.log(np.maximum(v, self.floor)) - self.mu)).astype(np.float32)
+
+    def augment(self, vectors: np.ndarray, ecpm: np.ndarray | float) -> np.ndarray:
+        """[a/|a|, column(v)]: ad vectors as a value-aware index holds them."""
+        unit = normalize(np.atleast_2d(vectors))
+        return np.ascontiguousarray(np.hstack([unit, self.column(ecpm)[:, None]]),
+                                    dtype=np.float32)
+
+
+def value_augment(vectors: np.ndarray, ecpm: np.ndarray, weight: float, *,
+                  mu: float | None = None, floor: float | None = None,
+                  ) -> tuple[np.ndarray, ValueTerm]:
+    """Value-aware ad vectors [a/|a|, w·(log v − mu)] and the term used (mu: the mean log
+    value over these ads unless given, so the term is centred; floor: their smallest positive
+    value unless given, used for estimates <= 0). Row-aligned `ecpm` [N]."""
+    ecpm = np.asarray(ecpm, dtype=np.float64).reshape(-1)
+    if ecpm.shape[0] != np.atleast_2d(vectors).shape[0]:
+        raise ValueError(f"{ecpm.shape[0]} eCPM values for {np.atleast_2d(vectors).shape[0]} ads")
+    if weight <= 0:
+        raise ValueError("value weight must be > 0 (0 means a plain cosine index)")
+    if floor is None:
+        positive = ecpm[np.isfinite(ecpm) & (ecpm > 0)]
+        if positive.size == 0:
+            raise ValueError("no ad has a positive eCPM estimate: cannot weight by value")
+        floor = float(positive.min())
+    partial = ValueTerm(float(weight), 0.0, float(floor))
+    if mu is None:
+        mu = float(np.mean(partial.column(ecpm).astype(np.float64) / weight))
+    term = ValueTerm(float(weight), float(mu), float(floor))
+    return term.augment(vectors, ecpm), term
+
+
+def augment_queries(queries: np.ndarray) -> np.ndarray:
+    """[u/|u|, 1]: user vectors as a value-aware index is searched with."""
+    unit = normalize(np.atleast_2d(queries))
+    return np.ascontiguousarray(np.hstack([unit, np.ones((unit.shape[0], 1), np.float32)]),
+                                dtype=np.float32)
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:
@@ -120,15 +194,18 @@ def measure_recall(index: faiss.Index, exact_ids: np.ndarray, queries: np.ndarra
 
 def build_index(vectors: np.ndarray, ad_ids: np.ndarray, *, exact_below: int = EXACT_BELOW,
                 queries: np.ndarray | None = None, k: int = RECALL_K,
-                target_recall: float = TARGET_RECALL, seed: int = 0,
+                target_recall: float = TARGET_RECALL, seed: int = 0, normalize: bool = True,
                 ) -> tuple[faiss.Index, IndexSpec]:
-    """Build the ad index (vectors are normalised here) and tune its search parameter.
+    """Build the ad index and tune its search parameter.
 
+    `normalize`: L2-normalise the vectors and the queries here (cosine); False indexes them
+    as given (value-augmented vectors: the caller passes matching augmented queries).
     `queries`: sample query vectors for the recall measurement (training user vectors are best,
     as they are what serving will search with); None -> ad vectors plus noise.
     """
     vectors, ad_ids = _check(vectors, ad_ids)
-    vectors = normalize(vectors)
+    unit = _normalize if normalize else _as_is
+    vectors = unit(vectors)
     n, dim = vectors.shape
     k = max(1, min(k, n))
     if n < exact_below:
@@ -144,11 +221,42 @@ def build_index(vectors: np.ndarray, ad_ids: np.ndarray, *, exact_below: int = E
     index.train(vectors[np.sort(train_rows)])
     index.add_with_ids(vectors, ad_ids)
 
-    queries = sample_queries(vectors, seed=seed) if queries is None else normalize(queries)
+    queries = sample_queries(vectors, seed=seed) if queries is None else unit(queries)
     exact = ad_ids[_exact_topk(vectors, queries, k)]
     nprobe, recall = _tune_nprobe(index, exact, queries, k, nlist, target_recall)
     index.nprobe = nprobe
     return index, IndexSpec("ivf", nlist, nprobe, round(recall, 4), k, n, dim)
+
+
+_normalize = normalize  # `build_index`'s flag shadows the function
+
+
+def _as_is(vectors: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def build_value_index(vectors: np.ndarray, ad_ids: np.ndarray, *, ecpm: np.ndarray | None = None,
+                      value_weight: float = 0.0, value_mu: float | None = None,
+                      value_floor: float | None = None, queries: np.ndarray | None = None,
+                      **options: Any) -> tuple[faiss.Index, IndexSpec]:
+    """`build_index` over plain ad-tower vectors, value-aware when `value_weight` > 0.
+
+    `ecpm`: row-aligned eCPM estimates (required with a weight); `queries`: plain user vectors
+    (augmented here); mu and the floor are computed from `ecpm` unless given (a rebuild of a
+    recorded index passes the recorded ones). The spec records w, mu and the floor.
+    """
+    if value_weight <= 0:
+        return build_index(vectors, ad_ids, queries=queries, **options)
+    if ecpm is None:
+        raise ValueError("a value-aware index needs the ads' eCPM estimates")
+    augmented, term = value_augment(vectors, ecpm, value_weight, mu=value_mu, floor=value_floor)
+    plain = normalize(vectors)
+    if queries is None:
+        queries = sample_queries(plain, seed=options.get("seed", 0))
+    index, spec = build_index(augmented, ad_ids, queries=augment_queries(queries),
+                              normalize=False, **options)
+    return index, replace(spec, value_weight=term.weight, value_mu=term.mu,
+                          value_floor=term.floor)
 
 
 def _tune_nprobe(index: faiss.Index, exact: np.ndarray, queries: np.ndarray, k: int, nlist: int,
@@ -194,7 +302,43 @@ def index_nprobe(index: faiss.Index) -> tuple[int, int]:
 
 def build_index_file(out_dir: str | Path, vectors: np.ndarray, ad_ids: np.ndarray,
                      **options: Any) -> IndexSpec:
-    """Bundle helper: build, write `faiss.index` into `out_dir`, return the manifest spec."""
-    index, spec = build_index(vectors, ad_ids, **options)
+    """Bundle helper: build, write `faiss.index` into `out_dir`, return the manifest spec.
+
+    Options are `build_value_index`'s: `ecpm=` and `value_weight=` make it value-aware."""
+    index, spec = build_value_index(vectors, ad_ids, **options)
     save_index(index, Path(out_dir) / INDEX_FILE)
     return spec
+
+
+DEFAULT_TEMPERATURE = 0.05  # TwoTowerConfig's default, for manifests that do not record one
+
+
+def two_tower_temperature(manifest: dict[str, Any]) -> float:
+    """The two-tower's tau from a bundle manifest: the default value weight."""
+    config = manifest.get("models", {}).get("two_tower", {}).get("config", {})
+    return float(config.get("temperature", DEFAULT_TEMPERATURE))
+
+
+def add_bundle_index(writer: Any, info: dict[str, Any], *, value_weight: float | None = None,
+                     **options: Any) -> dict[str, Any] | None:
+    """Training-time step shared by `cascade train` and the test fixture: build the faiss index
+    over the two-tower's ad vectors into the staged bundle and record manifest["index"].
+
+    `info`: what `models.train.trainer.train` returned. `value_weight`: None -> the two-tower
+    temperature; 0 -> plain cosine. Value-aware needs "cold_ecpm" (the qscore model); without
+    it the index is plain and manifest["index"]["value_weight"] says 0. The bundle's
+    `two_tower_ad_vectors.safetensors` keep the plain vectors either way.
+    """
+    if "two_tower" not in info.get("vectors", {}):
+        return None
+    if value_weight is None:
+        value_weight = two_tower_temperature(writer.manifest)
+    ecpm = info.get("cold_ecpm")
+    if ecpm is None and value_weight > 0:
+        log.warning("no Qscore eCPM estimates (train qscore too): the index is cosine only")
+        value_weight = 0.0
+    spec = build_index_file(writer.staging, info["vectors"]["two_tower"], info["ad_ids"],
+                            ecpm=ecpm, value_weight=float(value_weight),
+                            queries=info.get("user_queries"), **options)
+    writer.manifest["index"] = {"file": INDEX_FILE, **spec.to_dict()}
+    return writer.manifest["index"]

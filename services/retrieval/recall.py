@@ -13,6 +13,11 @@ exact side index ("fresh" ads) that is copied-on-write, and the catalog arrays a
 resized, when an ad is added; a search works on the snapshot it started with. A pause flips one
 element of a boolean array in place: it takes effect for the next search. Writers serialise on
 one lock. The main index is never mutated after load.
+
+Value-aware indexes (`value`: the index's `ValueTerm`) hold [a/|a|, w·(log v − mu)] per ad: user
+vectors are searched as [u/|u|, 1] and a newly added ad is indexed with its cold-start score as
+v, so callers keep passing plain ad-tower vectors of the tower's dimension. Re-adding a known ad
+or refreshing cold-start scores does not move its value term (the next bundle does).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from services.retrieval.index import index_nprobe, normalize
+from services.retrieval.index import ValueTerm, augment_queries, index_nprobe, normalize
 
 ACTIVE = "active"
 PAUSED = "paused"
@@ -177,18 +182,21 @@ class Recall:
     """Top-K eligible ads for a user vector (or the cold-start channel without one)."""
 
     def __init__(self, index: faiss.Index, catalog: AdCatalog, *, tuned_k: int | None = None,
-                 overfetch: float = 1.25):
+                 overfetch: float = 1.25, value: ValueTerm | None = None):
         """`index` holds ad ids, each of which must be in `catalog`.
 
         `tuned_k`: the K the index's nprobe was tuned for (IndexSpec.k). A filtered search for
         K eligible ads must find the top K/share of ALL ads, which needs proportionally more
         lists; nprobe is scaled by fetch / tuned_k so filtered recall matches the tuned recall.
+        `value`: the term a value-aware index was built with (IndexSpec.value); None: cosine.
         """
         if index.ntotal != catalog.ad_ids.size:
             raise ValueError(f"index holds {index.ntotal} ads, the catalog {catalog.ad_ids.size}")
         self._index = index
         self._nlist, self._nprobe = index_nprobe(index)
-        self._dim = int(index.d)
+        self._value = value
+        self._index_dim = int(index.d)
+        self._dim = self._index_dim - (1 if value is not None else 0)  # the ad-tower dim
         self._fresh: faiss.Index | None = None  # ads added since the bundle; exact, copy-on-write
         self._catalog = catalog
         self._overfetch = overfetch
@@ -204,6 +212,10 @@ class Recall:
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def value(self) -> ValueTerm | None:
+        return self._value
 
     @property
     def nprobe(self) -> int:
@@ -223,7 +235,8 @@ class Recall:
         vector = np.asarray(query.user_vector, dtype=np.float32).reshape(1, -1)
         if vector.shape[1] != self._dim:
             raise ValueError(f"user_vector has {vector.shape[1]} dims, the index {self._dim}")
-        return self._search(normalize(vector), catalog, fresh, query, k, n_eligible)
+        vector = augment_queries(vector) if self._value is not None else normalize(vector)
+        return self._search(vector, catalog, fresh, query, k, n_eligible)
 
     def _eligible_count(self, catalog: AdCatalog, cache: dict, query: RecallQuery) -> int:
         key = ("count", query.scene, query.include_paused, query.ignore_scene_targeting)
@@ -329,7 +342,8 @@ class Recall:
                 raise ValueError(f"ad vector has {vec.shape[1]} dims, the index {self._dim}")
             if not np.isfinite(vec).all():
                 raise ValueError("ad vector has non-finite values")
-            vec = normalize(vec)
+            vec = (self._value.augment(vec, cold_score) if self._value is not None
+                   else normalize(vec))
         with self._write_lock:
             catalog = self._catalog
             if catalog.ids.get(ad_id) is not None:
@@ -337,7 +351,7 @@ class Recall:
                 return False
             if vec is None:
                 raise ValueError(f"ad {ad_id} is new: its ad-tower vector is required")
-            fresh = (faiss.IndexIDMap2(faiss.IndexFlatIP(self._dim)) if self._fresh is None
+            fresh = (faiss.IndexIDMap2(faiss.IndexFlatIP(self._index_dim)) if self._fresh is None
                      else faiss.clone_index(self._fresh))
             fresh.add_with_ids(vec, np.array([ad_id], dtype=np.int64))
             # Catalog first: a search that sees the new fresh index must find the id's row.

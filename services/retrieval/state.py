@@ -4,14 +4,16 @@ Bundle files read here (names agreed with models/bundle and training):
 - `two_tower_ad_vectors.safetensors`: tensors "vectors" float32 [N, d] (from the ad tower) and
   "ad_ids" int64 [N];
 - `faiss.index`: built by `services.retrieval.index.build_index_file` at bundle time; its spec
-  (kind, nlist, nprobe, recall_at_k, k) sits in manifest["retrieval"]["index"]. A bundle
-  without it gets an index built at load (slower start, same result);
+  (kind, nlist, nprobe, recall_at_k, k, and value_weight/value_mu/value_floor for a value-aware
+  index) sits in manifest["index"] (or manifest["retrieval"]["index"]). A bundle without the
+  file gets an index built at load, value-aware with the recorded term (slower start, same
+  result);
 - `catalog.parquet`: the ads table per the dataset contract (ad_id, scenes, status, bid_type,
   bid_micros, target_cpa_micros, ...);
 - optional `cold_start.safetensors`: "ad_ids" int64 and "ecpm" float32, the Qscore-based eCPM
   estimate that orders the cold-start channel. Without it the estimate is prior CTR x bid
   (x prior CVR for oCPA): every ad then shares one CTR, which is all a bundle without
-  per-ad Qscore can say.
+  per-ad Qscore can say. A value-aware index uses the same estimate as each ad's value.
 
 `handle(RecallRequest) -> RecallResponse` is what both the HTTP app and the gateway's
 in-process client call, so the two paths cannot drift.
@@ -33,8 +35,8 @@ from services.common.deadline import Deadline
 from services.retrieval.index import (
     INDEX_FILE,
     IndexSpec,
-    build_index,
     build_index_file,
+    build_value_index,
     load_index,
     set_threads,
 )
@@ -62,7 +64,10 @@ class RetrievalState:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def user_vector(self, request: wire.RecallRequest) -> np.ndarray | None:
-        """The request's vector, else the user tower's, else None (cold-start channel)."""
+        """The request's vector, else the user tower's, else None (cold-start channel).
+
+        Always the plain user-tower vector: a value-aware index's trailing 1.0 is appended by
+        `Recall` itself, after normalisation (see recall.py)."""
         if request.user_vector is not None and request.user_vector.size:
             return request.user_vector
         if self.user_encoder is not None and (request.user or request.hist):
@@ -84,7 +89,9 @@ class RetrievalState:
                                    info=wire.StageInfo(model_version=self.version))
 
     def update(self, update: wire.CatalogUpdate) -> wire.CatalogUpdateResponse:
-        """Apply a catalog change; a new ad needs its ad-tower vector."""
+        """Apply a catalog change; a new ad needs its ad-tower vector (plain: a value-aware
+        index augments it with w·(log cold_score − mu), cold_score <= 0 -> the catalog's
+        minimum)."""
         vector = update.vector if update.vector is not None and update.vector.size else None
         added = self.recall.add_ad(update.ad_id, vector, update.scenes, update.status,
                                    update.cold_score)
@@ -149,15 +156,6 @@ def load_retrieval_state(path: str, *, faiss_threads: int = 1,
     spec_data = (bundle.manifest.get("retrieval", {}).get("index")
                  or bundle.manifest.get("index"))
     spec = IndexSpec.from_dict(spec_data) if spec_data else None
-    if bundle.has(INDEX_FILE):
-        index = load_index(bundle.file(INDEX_FILE), spec)
-    else:
-        log.warning("bundle %s has no %s: building the index at load", bundle.version,
-                    INDEX_FILE)
-        index, spec = build_index(vectors, ad_ids)
-    if index.ntotal != ad_ids.size:
-        raise ValueError(f"{INDEX_FILE} holds {index.ntotal} ads but {VECTORS_FILE} "
-                         f"{ad_ids.size}")
     columns = ["ad_id", "scenes", "status", "bid_type", "bid_micros", "target_cpa_micros"]
     schema_names = pq.read_schema(bundle.file(CATALOG_FILE)).names
     for required in ("ad_id", "scenes", "status"):
@@ -165,9 +163,29 @@ def load_retrieval_state(path: str, *, faiss_threads: int = 1,
             raise ValueError(f"{CATALOG_FILE} lacks column '{required}'")
     table = pq.read_table(bundle.file(CATALOG_FILE),
                           columns=[c for c in columns if c in schema_names]).to_pydict()
-    catalog = _catalog_for(ad_ids, table, _cold_scores(bundle, ad_ids, table))
+    cold = _cold_scores(bundle, ad_ids, table)
+    value = spec.value if spec is not None else None
+    if bundle.has(INDEX_FILE):
+        index = load_index(bundle.file(INDEX_FILE), spec)
+    else:
+        log.warning("bundle %s has no %s: building the index at load", bundle.version,
+                    INDEX_FILE)
+        options: dict[str, Any] = {}
+        if value is not None:  # the recorded term, so new ads and old ones agree
+            options = {"ecpm": cold, "value_weight": value.weight, "value_mu": value.mu,
+                       "value_floor": value.floor or None}
+        index, spec = build_value_index(vectors, ad_ids, **options)
+    if index.ntotal != ad_ids.size:
+        raise ValueError(f"{INDEX_FILE} holds {index.ntotal} ads but {VECTORS_FILE} "
+                         f"{ad_ids.size}")
+    expected_dim = vectors.shape[1] + (1 if value is not None else 0)
+    if index.d != expected_dim:
+        raise ValueError(f"{INDEX_FILE} has {index.d} dims; {VECTORS_FILE} has "
+                         f"{vectors.shape[1]} and the index is "
+                         f"{'value-aware (+1)' if value is not None else 'plain'}")
+    catalog = _catalog_for(ad_ids, table, cold)
     encoder = user_encoder_factory(bundle) if user_encoder_factory is not None else None
-    recall = Recall(index, catalog, tuned_k=spec.k if spec else None)
+    recall = Recall(index, catalog, tuned_k=spec.k if spec else None, value=value)
     return RetrievalState(version=bundle.version, recall=recall, spec=spec, user_encoder=encoder)
 
 
@@ -178,7 +196,8 @@ def write_retrieval_artifacts(writer: Any, vectors: np.ndarray, ad_ids: np.ndarr
     `models.bundle.BundleWriter`, and record the index spec in manifest["retrieval"]["index"].
 
     `catalog`: a pyarrow Table (the ads table); `queries`: sample user vectors for the recall
-    measurement (training users are best).
+    measurement (training users are best); `ecpm=` (row-aligned eCPM estimates) with
+    `value_weight=` > 0 makes the index value-aware (see index.py).
     """
     import pyarrow as pa
 
