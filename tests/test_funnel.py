@@ -61,3 +61,16 @@ def test_cli_writes_json(tiny_data, tiny_bundle, tmp_path):
                                     str(tiny_bundle), "--out", str(out)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bundle_index_is_value_aware_at_the_two_tower_temperature(funnel):
+    """`cascade train`'s index (shared helper): w = tau, mu = mean log Qscore eCPM."""
+    manifest = funnel.bundle.manifest
+    index = manifest["index"]
+    tau = manifest["models"]["two_tower"]["config"]["temperature"]
+    ecpm = funnel.bundle.arrays("cold_start.safetensors")["ecpm"].astype(np.float64)
+    logs = np.log(np.maximum(ecpm, ecpm[ecpm > 0].min()))
+    assert index["value_weight"] == tau > 0
+    assert index["value_mu"] == pytest.approx(logs.mean(), rel=1e-6)
+    vectors = funnel.bundle.arrays("two_tower_ad_vectors.safetensors")["vectors"]
+    assert index["dim"] == vectors.shape[1] + 1  # the plain vectors stay in the bundle

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from services.retrieval.index import build_index, normalize
+from services.retrieval.index import build_index, build_value_index, normalize
 from services.retrieval.recall import AdCatalog, Recall, RecallQuery, UnknownAdError
 from tests.test_retrieval_index import clustered_corpus
 
@@ -159,3 +159,61 @@ def test_searches_stay_correct_while_ads_are_added():
         t.join()
     assert not errors
     assert recall.size == 3100
+
+
+# ---- value-aware recall: cos(u, a) + w·(log v_a − mu) -----------------------------------------
+
+W = 0.05
+
+
+def make_value_recall(n: int = 400, dim: int = 16, seed: int = 0):
+    """A flat value-aware index over random unit ads, every ad in scene "search"; ad 0 and ad
+    1 share one vector (equal cosine for any query), ad 2 is nearly orthogonal to the query."""
+    rng = np.random.default_rng(seed)
+    query = normalize(rng.standard_normal((1, dim)))[0]
+    vectors = normalize(rng.standard_normal((n, dim)))
+    vectors[1] = vectors[0]
+    vectors[2] = normalize((0.05 * query + normalize(rng.standard_normal((1, dim)))[0])[None])[0]
+    ad_ids = np.arange(n, dtype=np.int64) + 100
+    ecpm = rng.lognormal(8.0, 0.5, n)
+    ecpm[0], ecpm[1], ecpm[2] = 1_000.0, 4_000.0, 1e9
+    index, spec = build_value_index(vectors, ad_ids, ecpm=ecpm, value_weight=W)
+    catalog = AdCatalog.build(ad_ids, [["search"]] * n, ["active"] * n, ecpm)
+    return Recall(index, catalog, tuned_k=spec.k, value=spec.value), vectors, ad_ids, ecpm, query
+
+
+def test_value_recall_prefers_the_higher_value_of_two_equally_similar_ads():
+    recall, vectors, ad_ids, ecpm, _ = make_value_recall()
+    result = recall.recall(RecallQuery(scene="search", user_vector=vectors[0] * 3.0, k=2))
+    assert result.ad_ids.tolist() == [101, 100]  # same cosine (1.0), 4x the value first
+    mu = np.log(ecpm).mean()
+    assert result.scores == pytest.approx(1.0 + W * (np.log([4_000.0, 1_000.0]) - mu), abs=1e-5)
+
+
+def test_a_very_valuable_ad_enters_the_top_k_that_cosine_alone_misses():
+    recall, vectors, ad_ids, ecpm, query = make_value_recall()
+    k = 20
+    by_cosine = ad_ids[np.argsort(-(vectors @ query))[:k]]
+    assert 102 not in by_cosine
+    got = recall.recall(RecallQuery(scene="search", user_vector=query, k=k)).ad_ids
+    assert 102 in got
+    want = vectors @ query + W * (np.log(ecpm) - np.log(ecpm).mean())
+    assert got.tolist() == ad_ids[np.argsort(-want)[:k]].tolist()
+    with pytest.raises(ValueError, match="dims"):  # callers pass plain vectors, not augmented
+        recall.recall(RecallQuery(scene="search", user_vector=np.ones(17)))
+
+
+def test_new_ad_is_augmented_with_its_cold_score():
+    recall, _, _, ecpm, query = make_value_recall()
+    term = recall.value
+    assert recall.dim == 16 and term.floor == pytest.approx(ecpm.min())
+    recall.add_ad(9_000, query * 2.0, ["search"], "active", cold_score=50_000.0)
+    recall.add_ad(9_001, -query, ["search"], "active", cold_score=0.0)  # no estimate
+    stored = recall._fresh.reconstruct(9_000)
+    assert np.allclose(stored[:16], query, atol=1e-6)
+    assert stored[16] == pytest.approx(W * (np.log(50_000.0) - term.mu), abs=1e-6)
+    assert recall._fresh.reconstruct(9_001)[16] == pytest.approx(
+        W * (np.log(ecpm.min()) - term.mu), abs=1e-6)
+    result = recall.recall(RecallQuery(scene="search", user_vector=query, k=5))
+    assert result.ad_ids[0] == 9_000
+    assert result.scores[0] == pytest.approx(1.0 + stored[16], abs=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from models.features import load_schema
 from services.common import wire
 from services.common.config import Settings
 from services.retrieval.app import create_app
+from services.retrieval.index import normalize
 from services.retrieval.state import load_retrieval_state, write_retrieval_artifacts
 from tests.test_retrieval_index import clustered_corpus
 
@@ -58,6 +60,52 @@ def test_loader_reads_the_bundle_and_its_recorded_nprobe(bundles):
     assert state.version == "v1" and state.spec == truth["spec"]
     assert state.spec.kind == "ivf" and state.spec.recall_at_k >= 0.95
     assert state.recall.nprobe == truth["spec"].nprobe and state.recall.size == N
+
+
+def write_value_bundle(root: Path, version: str, *, keep_index: bool = True):
+    """A value-aware bundle (flat index, w = 0.05) with its cold-start eCPM file; without
+    `keep_index` the faiss file is dropped, so the loader builds the index itself."""
+    vectors, ad_ids, queries = clustered_corpus(n=N, seed=4)
+    ecpm = np.random.default_rng(4).lognormal(10.0, 1.5, N).astype(np.float32)
+    ecpm[:5] = 0.0  # no estimate: the catalog minimum stands in
+    catalog = {"ad_id": ad_ids, "scenes": [["search"]] * N, "status": ["active"] * N}
+    writer = BundleWriter(root, load_schema(), version=version)
+    writer.save_arrays("cold_start.safetensors", {"ad_ids": ad_ids, "ecpm": ecpm})
+    spec = write_retrieval_artifacts(writer, vectors, ad_ids, pa.table(catalog), queries=queries,
+                                     ecpm=ecpm, value_weight=0.05)
+    if not keep_index:
+        writer.path("faiss.index").unlink()
+    writer.commit()
+    return spec, vectors, ad_ids, queries, ecpm
+
+
+def test_value_aware_bundle_records_its_term_and_serves_by_value(tmp_path):
+    spec, vectors, ad_ids, queries, ecpm = write_value_bundle(tmp_path / "a", "v1")
+    manifest = json.loads((tmp_path / "a" / "v1" / "manifest.json").read_text())
+    recorded = manifest["retrieval"]["index"]
+    positive = ecpm[ecpm > 0].astype(np.float64)
+    logs = np.log(np.where(ecpm > 0, ecpm, positive.min()))
+    assert recorded["value_weight"] == 0.05 and recorded["dim"] == 33
+    assert recorded["value_mu"] == pytest.approx(logs.mean(), rel=1e-6)
+    assert recorded["value_floor"] == pytest.approx(positive.min())
+    want = queries[:4] @ normalize(vectors).T + 0.05 * (logs - logs.mean())
+    for keep_index in (True, False):
+        root = tmp_path / ("a" if keep_index else "b")
+        if not keep_index:
+            write_value_bundle(root, "v1", keep_index=False)
+        state = load_retrieval_state(str(root))
+        assert state.spec.value_weight == 0.05 and state.recall.dim == 32
+        assert state.spec.value_mu == pytest.approx(spec.value_mu)
+        for q, row in zip(queries[:4], want, strict=True):
+            got = state.handle(wire.RecallRequest(scene="search", k=50, user_vector=q * 2.0))
+            assert got.ad_ids.tolist() == ad_ids[np.argsort(-row)[:50]].tolist()
+        added = state.update(wire.CatalogUpdate(ad_id=77_777_777, vector=queries[0],
+                                                scenes=["search"], cold_score=float(ecpm.max())))
+        assert added.added
+        top = state.handle(wire.RecallRequest(scene="search", k=3, user_vector=queries[0]))
+        assert top.ad_ids[0] == 77_777_777
+        assert top.scores[0] == pytest.approx(
+            1.0 + 0.05 * (np.log(ecpm.max()) - spec.value_mu), abs=1e-5)
 
 
 def ready_client(app) -> TestClient:

@@ -8,11 +8,14 @@ import pytest
 
 from services.retrieval.index import (
     IndexSpec,
+    augment_queries,
     build_index,
     build_index_file,
+    build_value_index,
     load_index,
     measure_recall,
     normalize,
+    value_augment,
 )
 
 
@@ -78,3 +81,53 @@ def test_index_file_round_trip_keeps_ids_and_nprobe(tmp_path):
 def test_bad_ids_are_refused(bad_ids, message):
     with pytest.raises(ValueError, match=message):
         build_index(np.ones((3, 4), np.float32), bad_ids)
+
+
+# ---- value-aware index: cos(u, a) + w·(log v_a − mu) ------------------------------------------
+
+
+def test_value_augment_centres_the_log_value_and_floors_non_positive_estimates():
+    vectors = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, -1.0]], np.float32)
+    ecpm = np.array([100.0, 1000.0, 10.0, 0.0])  # the last has no estimate: the catalog minimum
+    augmented, term = value_augment(vectors, ecpm, 0.05)
+    logs = np.log([100.0, 1000.0, 10.0, 10.0])
+    assert term.weight == 0.05 and term.floor == 10.0
+    assert term.mu == pytest.approx(logs.mean())
+    assert np.allclose(augmented[:, :2], normalize(vectors))
+    assert np.allclose(augmented[:, 2], 0.05 * (logs - logs.mean()), atol=1e-6)
+    assert augmented[:, 2].mean() == pytest.approx(0.0, abs=1e-6)
+    assert np.allclose(augment_queries(np.array([[0.0, 5.0]])), [[0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="> 0"):
+        value_augment(vectors, ecpm, 0.0)
+
+
+def test_value_weight_zero_builds_the_plain_cosine_index():
+    vectors, ad_ids, queries = clustered_corpus(n=500)
+    plain_index, plain_spec = build_index(vectors, ad_ids)
+    index, spec = build_value_index(vectors, ad_ids, ecpm=np.ones(500), value_weight=0.0)
+    assert spec == plain_spec and spec.value is None and spec.dim == 32
+    assert np.array_equal(index.search(queries[:3], 10)[1], plain_index.search(queries[:3], 10)[1])
+
+
+def test_value_aware_index_scores_cosine_plus_weighted_log_value():
+    vectors, ad_ids, queries = clustered_corpus(n=500)
+    ecpm = np.random.default_rng(1).lognormal(10.0, 1.5, 500)
+    index, spec = build_value_index(vectors, ad_ids, ecpm=ecpm, value_weight=0.05)
+    assert spec.kind == "flat" and spec.dim == 33 and spec.value_weight == 0.05
+    assert spec.value_mu == pytest.approx(np.log(ecpm).mean())
+    want = queries[:3] @ normalize(vectors).T + 0.05 * (np.log(ecpm) - np.log(ecpm).mean())
+    scores, found = index.search(augment_queries(queries[:3]), 10)
+    assert np.array_equal(found, ad_ids[np.argsort(-want, axis=1)[:, :10]])
+    assert np.allclose(scores, np.sort(want, axis=1)[:, ::-1][:, :10], atol=1e-5)
+
+
+def test_value_aware_ivf_is_tuned_on_augmented_queries():
+    vectors, ad_ids, queries = clustered_corpus()
+    ecpm = np.random.default_rng(2).lognormal(10.0, 1.5, len(ad_ids))
+    index, spec = build_value_index(vectors, ad_ids, ecpm=ecpm, value_weight=0.05,
+                                    exact_below=1000, queries=queries, k=200)
+    assert spec.kind == "ivf" and spec.dim == 33 and spec.recall_at_k >= 0.95
+    augmented, _ = value_augment(vectors, ecpm, 0.05)
+    aug_queries = augment_queries(queries)
+    exact = ad_ids[np.argsort(-(aug_queries @ augmented.T), axis=1)[:, :200]]
+    assert measure_recall(index, exact, aug_queries, 200, spec.nprobe) >= 0.95

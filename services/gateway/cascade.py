@@ -34,7 +34,14 @@ from services.common.store import OnlineStore, UserContext
 from services.gateway.auction import Candidate, Reserve, Winner, run_auction
 from services.gateway.catalog import Catalog
 from services.gateway.clients import StageClient
-from services.gateway.screening import QscoreTable, Screened, ScreenPolicy, click_value, screen
+from services.gateway.screening import (
+    QscoreTable,
+    Screened,
+    ScreenPolicy,
+    click_value,
+    qscore_estimate,
+    screen,
+)
 from services.gateway.tokens import TokenSigner
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,7 @@ class Step:
 
 STEPS: tuple[Step, ...] = (
     Step("features", None, 0.10, False, "cold-start path (no profile, empty sequence)"),
-    Step("recall", 2000, 0.20, True, "local cold-start channel: the scene's catalog by Qscore"),
+    Step("recall", 2000, 0.20, True, "local cold-start pool: the scene's top 2 x K1 by Qscore"),
     Step("screen", 2000, 0.05, False, "none: an unscreened ad is never served (no slots)"),
     Step("prerank", 200, 0.20, True, "Qscore order, top K3"),
     Step("rank", None, 0.30, True, "DQM order (else Qscore); pCTR = Qscore, pCVR = prior"),
@@ -62,6 +69,7 @@ STEPS: tuple[Step, ...] = (
 )
 STEP = {s.name: s for s in STEPS}
 DEBUG_TOP = 20
+FALLBACK_TTL_S = 30.0  # how long a scene's local cold-start pool is reused
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,33 @@ class Cascade:
         self.prior_cvr = prior_cvr if prior_cvr is not None else config.prior_cvr
         self.model_version = model_version
         self.budget_ms = budget_ms  # default request budget (CASCADE_BUDGET_MS)
+        self._fallback: dict[str, tuple[int, float, np.ndarray]] = {}
+
+    # -- local fallback for recall ----------------------------------------------------------------
+    async def _fallback_pool(self, scene: str) -> np.ndarray:
+        """The scene's top 2 x K1 eligible ads by the Qscore eCPM estimate.
+
+        Bounded on purpose: screening the whole catalog when retrieval fails would cost a
+        million-ad scan per request exactly when the gateway is overloaded. Recomputed off the
+        event loop when the catalog changes or every `FALLBACK_TTL_S`.
+        """
+        cached = self._fallback.get(scene)
+        now = time.monotonic()
+        if cached and cached[0] == self.catalog.version and now - cached[1] < FALLBACK_TTL_S:
+            return cached[2]
+        pool = await asyncio.to_thread(self._compute_fallback, scene)
+        self._fallback[scene] = (self.catalog.version, now, pool)
+        return pool
+
+    def _compute_fallback(self, scene: str) -> np.ndarray:
+        c = self.catalog.cols
+        rows = np.flatnonzero(c.active & ((c.scene_bits & self.catalog.scene_bit(scene)) != 0))
+        k = min(rows.size, 2 * self.config.k1)
+        if rows.size > k:
+            estimate = qscore_estimate(self.catalog, rows, self.qscores.ctr(c.ad_ids[rows]),
+                                       self.prior_cvr)
+            rows = rows[np.argpartition(-estimate, k - 1)[:k]]
+        return c.ad_ids[rows]
 
     # -- deadlines and guarded calls ------------------------------------------------------------
     def _step_deadline(self, step: Step, deadline: Deadline, budget_ms: float) -> Deadline:
@@ -207,8 +242,8 @@ class Cascade:
         if recalled is not None:
             candidates = recalled.ad_ids
             rec.top = _top(recalled.ad_ids, recalled.scores)
-        else:  # local cold-start channel: the whole catalog, screening orders it by Qscore
-            candidates = self.catalog.cols.ad_ids
+        else:  # local cold-start channel: the scene's best ads by Qscore eCPM (cached)
+            candidates = await self._fallback_pool(request.scene)
         rec.count_out = int(candidates.size)
 
         # 3 screen
