@@ -161,3 +161,31 @@ async def test_overspend_stays_within_one_click_or_one_percent_under_event_lag(
         assert clicked_value[cid] > bound
     assert served_after_spent == 0  # once the snapshot shows the budget spent, serving stops
 
+
+
+@pytest.mark.anyio
+async def test_vectorised_eligibility_follows_the_per_campaign_rule(store: OnlineStore) -> None:
+    """`eligible` (one request, many campaigns, numpy) agrees with `probability` per campaign,
+    after a full refresh and after an incremental one that re-reads only changed spend."""
+    import random
+
+    await store.put_campaigns([Campaign(1, 1, 100_000, "active"),
+                               Campaign(2, 1, 100_000, "paused"),
+                               Campaign(3, 1, 100_000, "active"),
+                               Campaign(4, 1, 100_000, "active")])
+    day = utc_day(NOON)
+    await store.incr_spend(3, day, 100_000)  # spent
+    await store.incr_spend(4, day, 54_500)  # half a band ahead of the day: p = 0.5
+    pacer = Pacer(store, clock=lambda: NOON)
+    await pacer.refresh(now=NOON)
+    assert pacer.probability(4, NOON) == pytest.approx(0.5)
+    rng = random.Random(5)
+    counts = {c: 0 for c in (1, 2, 3, 4, 99)}
+    for _ in range(2000):
+        for cid in pacer.eligible([1, 2, 3, 4, 99], now=NOON, rng=rng):
+            counts[cid] += 1
+    assert counts[1] == 2000 and counts[2] == counts[3] == counts[99] == 0
+    assert 900 < counts[4] < 1100
+    await store.incr_spend(1, day, 100_000)  # campaign 1 spends out: seen incrementally
+    await pacer.refresh(now=NOON)
+    assert pacer.eligible([1, 4], now=NOON, rng=random.Random(1)) <= {4}

@@ -60,6 +60,7 @@ class Catalog:
     _row: dict[int, int] = field(default_factory=dict)
     _sorted_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     _sorted_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    _active_campaigns: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     # -- building ------------------------------------------------------------------------------
     def scene_bit(self, scene: str) -> int:
@@ -106,6 +107,12 @@ class Catalog:
         self.campaigns = {c.campaign_id: c for c in campaigns}
         self.version = version
         self._rebuild()
+        self._rebuild_campaigns()
+
+    def _rebuild_campaigns(self) -> None:
+        """Sorted ids of the active campaigns: screening tests membership vectorised."""
+        live = [cid for cid, c in self.campaigns.items() if c.status == ACTIVE]
+        self._active_campaigns = np.sort(np.asarray(live, dtype=np.int64))
 
     def apply_ad(self, ad: Ad) -> None:
         """Insert or update one ad (admin writes and incremental refresh)."""
@@ -118,6 +125,7 @@ class Catalog:
 
     def apply_campaign(self, campaign: Campaign) -> None:
         self.campaigns[campaign.campaign_id] = campaign
+        self._rebuild_campaigns()
 
     # -- reading -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -134,10 +142,12 @@ class Catalog:
 
     def campaign_active(self, campaign_ids: np.ndarray) -> np.ndarray:
         """True where the campaign exists and is active (a missing campaign never serves)."""
-        status = self.campaigns
-        return np.fromiter((
-            (c := status.get(int(cid))) is not None and c.status == ACTIVE
-            for cid in campaign_ids.tolist()), bool, len(campaign_ids))
+        ids = np.asarray(campaign_ids, dtype=np.int64)
+        live = self._active_campaigns
+        if not live.size or not ids.size:
+            return np.zeros(ids.shape, bool)
+        pos = np.clip(np.searchsorted(live, ids), 0, live.size - 1)
+        return live[pos] == ids
 
     # -- syncing with the store ----------------------------------------------------------------
     async def load(self, store: OnlineStore) -> None:

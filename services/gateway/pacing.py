@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
+
 from services.common.store import Campaign, OnlineStore, utc_day
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,39 @@ class PacingState:
     day: str
     taken_at: float
     campaigns: dict[int, CampaignState] = field(default_factory=dict)
+    columns: PacingColumns | None = None  # the same campaigns as sorted arrays (vectorised)
+
+
+@dataclass(frozen=True, slots=True)
+class PacingColumns:
+    """Campaign states as sorted numpy columns: one request asks about ~1,000 campaigns,
+    which a Python loop over `CampaignState`s cannot answer within a millisecond."""
+
+    ids: np.ndarray  # int64, sorted
+    budget: np.ndarray  # int64 micros
+    spend: np.ndarray  # int64 micros
+    active: np.ndarray  # bool
+
+    @classmethod
+    def build(cls, campaigns: dict[int, CampaignState]) -> PacingColumns:
+        ids = np.fromiter(campaigns.keys(), np.int64, len(campaigns))
+        order = np.argsort(ids)
+        states = list(campaigns.values())
+        budget = np.fromiter((c.daily_budget_micros for c in states), np.int64, len(states))
+        spend = np.fromiter((c.spend_micros for c in states), np.int64, len(states))
+        active = np.fromiter((c.status == "active" for c in states), bool, len(states))
+        return cls(ids[order], budget[order], spend[order], active[order])
+
+    def with_spend(self, spend: dict[int, int]) -> PacingColumns:
+        """A copy with new spend for some campaigns (ids it does not hold are ignored)."""
+        if not spend:
+            return self
+        new = self.spend.copy()
+        ids = np.fromiter(spend.keys(), np.int64, len(spend))
+        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(self.ids.size - 1, 0))
+        hit = self.ids[pos] == ids if self.ids.size else np.zeros(ids.size, bool)
+        new[pos[hit]] = np.fromiter(spend.values(), np.int64, len(spend))[hit]
+        return PacingColumns(self.ids, self.budget, new, self.active)
 
 
 class Pacer:
@@ -152,7 +187,12 @@ class Pacer:
             campaigns[cid] = CampaignState(cid, c.daily_budget_micros, c.status,
                                            spend.get(cid, 0))
         self._changes_read_at = read_at
-        self.state = PacingState(day, now, campaigns)
+        columns = self.state.columns
+        if full or columns is None:
+            columns = await asyncio.to_thread(PacingColumns.build, campaigns)
+        else:
+            columns = columns.with_spend(spend)
+        self.state = PacingState(day, now, campaigns, columns)
         return self.state
 
     def note_campaign(self, campaign: Campaign) -> None:
@@ -163,6 +203,7 @@ class Pacer:
         campaigns[campaign.campaign_id] = CampaignState(
             campaign.campaign_id, campaign.daily_budget_micros, campaign.status,
             spend.spend_micros if spend else 0)
+        # columns=None: `eligible` answers from the dict until the next refresh rebuilds them
         self.state = PacingState(self.state.day, self.state.taken_at, campaigns)
 
     def note_served(self, campaign_id: int, expected_micros: float,
@@ -220,10 +261,34 @@ class Pacer:
 
     def eligible(self, campaign_ids: Iterable[int], now: float | None = None,
                  rng: random.Random | None = None) -> set[int]:
-        """The campaigns of one request that pace in (one draw per campaign per request)."""
+        """The campaigns of one request that pace in (one draw per campaign per request).
+
+        Vectorised over the snapshot's columns; the same rule as `probability`."""
         now = self._clock() if now is None else now
-        rand = (rng or random).random
-        return {cid for cid in set(campaign_ids) if self.allows(cid, now, rand())}
+        ids = np.unique(np.fromiter((int(c) for c in campaign_ids), np.int64))
+        cols = self.state.columns
+        if cols is None or not ids.size or not cols.ids.size:
+            rand = (rng or random).random
+            return {cid for cid in ids.tolist() if self.allows(cid, now, rand())}
+        pos = np.clip(np.searchsorted(cols.ids, ids), 0, cols.ids.size - 1)
+        known = (cols.ids[pos] == ids) & cols.active[pos]
+        today, share = self._calendar(now)
+        if today != self.state.day:
+            spend = np.zeros(ids.size, np.float64)
+        else:
+            self._expire_holds(now)
+            held = self._held
+            spend = cols.spend[pos] + np.fromiter((held.get(c, 0.0) for c in ids.tolist()),
+                                                  np.float64, ids.size)
+        budget = cols.budget[pos].astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ahead = spend / budget - share - self.config.slack
+        p = np.clip(1.0 - ahead / self.config.band, 0.0, 1.0)
+        p = np.where(ahead <= 0.0, 1.0, p)
+        p = np.where(known & (budget > 0) & (spend < budget), p, 0.0)
+        draws = np.fromiter(((rng or random).random() for _ in range(ids.size)), np.float64,
+                            ids.size)
+        return set(ids[(p >= 1.0) | (draws < p)].tolist())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refresh every `refresh_s` until `stop` is set; a failed refresh keeps the old view."""
