@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
+import gevent
 from locust import FastHttpUser, constant_throughput, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # locust -f runs this as a script
@@ -62,6 +64,10 @@ class AdFrontend(FastHttpUser):
     def on_start(self) -> None:
         self.headers = {"X-API-Key": os.environ.get("CASCADE_API_KEY", ""),
                         "Content-Type": "application/json"}
+        # Spread the users over one pacing period: users spawned together would otherwise
+        # fire in lock-step bursts, each second's requests queueing behind each other, which
+        # measures the burst, not the offered rate.
+        gevent.sleep(random.random() / float(os.environ.get("CASCADE_LOAD_USER_RPS", "1.0")))
 
     @task
     def ads_and_feedback(self) -> None:
