@@ -71,10 +71,8 @@ def sample_requests(data_dir: Path, split: TimeSplit, n: int, seed: int) -> list
 
 def _ecpm(catalog: Catalog, ad_ids: np.ndarray, pctr: np.ndarray, pcvr: np.ndarray) -> np.ndarray:
     """The auction's eCPM (micros per mille): CPC bid x pCTR, oCPA target CPA x pCTR x pCVR."""
-    rows = catalog.rows_of(ad_ids)
-    c = catalog.cols
-    value = np.where(c.ocpa[rows], c.target_cpa_micros[rows] * pcvr, c.bid_micros[rows])
-    return 1000.0 * value * pctr  # the auction's eCPM (auction.ecpm), vectorised
+    # an oCPA click is worth target CPA x this ad's pCVR, as in auction.ecpm
+    return 1000.0 * pctr * click_value(catalog, catalog.rows_of(ad_ids), pcvr)
 
 
 def top_per_campaign(catalog: Catalog, ad_ids: np.ndarray, ecpm: np.ndarray, n: int) -> np.ndarray:

@@ -67,15 +67,22 @@ def billable_micros(price_micros: int, spend_before: int, budget_micros: int) ->
     return max(0, min(int(price_micros), cap - int(spend_before)))
 
 
+def serve_probabilities(spend_micros: np.ndarray, budget_micros: np.ndarray,
+                        share_of_day: float, slack: float = 0.02,
+                        band: float = 0.05) -> np.ndarray:
+    """The pacing rule of the module docstring, as a pure function over arrays."""
+    spend = np.asarray(spend_micros, dtype=np.float64)
+    budget = np.asarray(budget_micros, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ahead = spend / budget - share_of_day - slack
+    p = np.where(ahead <= 0.0, 1.0, np.clip(1.0 - ahead / band, 0.0, 1.0))
+    return np.where((budget > 0) & (spend < budget), p, 0.0)
+
+
 def serve_probability(spend_micros: int, budget_micros: int, share_of_day: float,
                       slack: float = 0.02, band: float = 0.05) -> float:
-    """The pacing rule of the module docstring, as a pure function."""
-    if budget_micros <= 0 or spend_micros >= budget_micros:
-        return 0.0
-    ahead = spend_micros / budget_micros - share_of_day - slack
-    if ahead <= 0.0:
-        return 1.0
-    return max(0.0, 1.0 - ahead / band)
+    """One campaign's serve probability (`serve_probabilities` for a single value)."""
+    return float(serve_probabilities(spend_micros, budget_micros, share_of_day, slack, band))
 
 
 CHANGE_SKEW_S = 2.0  # re-read changes this much older than the last read (clock skew, races)
@@ -280,12 +287,9 @@ class Pacer:
             held = self._held
             spend = cols.spend[pos] + np.fromiter((held.get(c, 0.0) for c in ids.tolist()),
                                                   np.float64, ids.size)
-        budget = cols.budget[pos].astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ahead = spend / budget - share - self.config.slack
-        p = np.clip(1.0 - ahead / self.config.band, 0.0, 1.0)
-        p = np.where(ahead <= 0.0, 1.0, p)
-        p = np.where(known & (budget > 0) & (spend < budget), p, 0.0)
+        p = serve_probabilities(spend, cols.budget[pos], share, self.config.slack,
+                                self.config.band)
+        p = np.where(known, p, 0.0)
         draws = np.fromiter(((rng or random).random() for _ in range(ids.size)), np.float64,
                             ids.size)
         return set(ids[(p >= 1.0) | (draws < p)].tolist())
