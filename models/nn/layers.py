@@ -231,7 +231,8 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def build_optimizers(
-    model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0
+    model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
+    sparse_lr: float | None = None,
 ) -> list[torch.optim.Optimizer]:
     """SparseAdam for sparse tables (touches only the rows in the batch) + Adam for the rest.
 
@@ -241,7 +242,7 @@ def build_optimizers(
     sparse, dense = split_parameters(model)
     optimizers: list[torch.optim.Optimizer] = []
     if sparse:
-        optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=lr if sparse_lr is None else sparse_lr))
     if dense:
         optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay))
     return optimizers

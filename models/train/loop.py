@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.nn import split_parameters
+from models.nn import build_optimizers
 
 Batch = dict[str, torch.Tensor]
 StepLoss = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -77,13 +77,7 @@ def iterate(source: BatchSource, idx: np.ndarray, batch_size: int, device: torch
 
 def make_optimizers(model: torch.nn.Module, cfg: FitConfig) -> list[torch.optim.Optimizer]:
     """SparseAdam for sparse embedding tables (only touched rows move), Adam for the rest."""
-    sparse, dense = split_parameters(model)
-    opts: list[torch.optim.Optimizer] = []
-    if dense:
-        opts.append(torch.optim.Adam(dense, lr=cfg.lr))
-    if sparse:
-        opts.append(torch.optim.SparseAdam(sparse, lr=cfg.sparse_lr))
-    return opts
+    return build_optimizers(model, lr=cfg.lr, sparse_lr=cfg.sparse_lr)
 
 
 @torch.no_grad()
