@@ -24,7 +24,7 @@ from models.bundle import BundleWriter, read_bundle
 from models.features import FeatureSchema, load_schema
 from models.nn import build_model, default_config
 from models.train.evaluate import load_model
-from models.train.trainer import ad_vectors_file, weights_file
+from models.train.trainer import CATALOG_FILE, ad_vectors_file, weights_file
 from services.retrieval.index import INDEX_FILE, build_index_file
 
 SCENES = ("home_feed", "search", "product_detail")
@@ -149,7 +149,7 @@ def build_bench_bundle(scale: str, out_root: Path, *, seed: int = 0,
                 writer.add_model(name, entry)
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.table(catalog), writer.path("catalog.parquet"))
+            pq.write_table(pa.table(catalog), writer.path(CATALOG_FILE))
             return writer.commit(bench={"scale": scale, "ads": spec.ads,
                                         "trained": spec.train})
         except BaseException:

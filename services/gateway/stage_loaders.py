@@ -22,6 +22,7 @@ import torch
 
 from models.bundle import Bundle, read_bundle
 from models.nn.qscore import Qscore
+from models.train.trainer import QSCORE_COUNTS_FILE
 from services.common import wire
 from services.common.config import Settings
 from services.common.features import FeatureEncoder, to_tensors
@@ -30,7 +31,6 @@ from services.gateway.service import Stages
 
 log = logging.getLogger(__name__)
 
-QSCORE_COUNTS_FILE = "qscore_counts.safetensors"
 DEFAULT_PRIOR_CVR = 0.05
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from models.bundle import Bundle, read_bundle
+from models.train.trainer import CATALOG_FILE, COLD_START_FILE
 from services.common import wire
 from services.common.deadline import Deadline
 from services.retrieval.index import (
@@ -45,8 +46,6 @@ from services.retrieval.recall import ACTIVE, PAUSED, AdCatalog, Recall, RecallQ
 log = logging.getLogger(__name__)
 
 VECTORS_FILE = "two_tower_ad_vectors.safetensors"
-CATALOG_FILE = "catalog.parquet"
-COLD_START_FILE = "cold_start.safetensors"
 PRIOR_CTR = 0.01
 PRIOR_CVR = 0.05
 
