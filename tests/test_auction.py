@@ -175,3 +175,30 @@ def test_auction_properties(candidates: list[Candidate], slots: int, reserve: Re
         for c in payers:
             if c.campaign_id not in {w.campaign_id for w in winners}:
                 assert ecpm(c) <= winners[-1].ecpm + 1e-6
+
+
+# --- the vectorised auction equals the plain reference -----------------------------------------
+
+tie_candidate_st = st.builds(
+    Candidate,
+    ad_id=st.integers(1, 60),
+    campaign_id=st.integers(1, 5),
+    bid_type=st.sampled_from(["cpc", "ocpa"]),
+    bid_micros=st.sampled_from([100, 1000, 2000, 50_000]),  # few values: many exact eCPM ties
+    target_cpa_micros=st.sampled_from([1000, 20_000, 1_000_000]),
+    pctr=st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.1]),
+    pcvr=st.sampled_from([0.01, 0.05, 0.1]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(candidate_st, tie_candidate_st), max_size=40,
+                unique_by=lambda c: c.ad_id),
+       st.integers(0, 8), reserve_st)
+def test_vectorised_auction_equals_the_reference(candidates: list[Candidate], slots: int,
+                                                 reserve: Reserve) -> None:
+    """Ties, reserves, one ad per campaign, oCPA: the same winners, slots and prices."""
+    from tests.auction_reference import reference_auction
+
+    assert run_auction(candidates, slots, reserve) == reference_auction(candidates, slots,
+                                                                         reserve)

@@ -87,14 +87,14 @@ def _stage(response: wire.AdsResponse, name: str) -> wire.StageReport:
     return next(s for s in response.stages if s.name == name)
 
 
-def _assert_priced(gateway: Gateway, response: wire.AdsResponse) -> None:
+async def _assert_priced(gateway: Gateway, response: wire.AdsResponse) -> None:
     assert response.slots, "expected a filled slate"
     campaigns = [s.campaign_id for s in response.slots]
     assert len(set(campaigns)) == len(campaigns), "one ad per campaign"
     ecpms = [s.ecpm for s in response.slots]
     assert ecpms == sorted(ecpms, reverse=True)
     for slot in response.slots:
-        ad = gateway.catalog.ads[slot.ad_id]
+        ad = (await gateway.store.get_ads([slot.ad_id]))[slot.ad_id]  # the stored truth
         assert ad.status == "active" and "home_feed" in ad.scenes
         bid = ad.bid_micros if ad.bid_type == "cpc" else ad.target_cpa_micros * slot.pcvr
         assert 1 <= slot.price_micros <= bid + 1e-6
@@ -116,7 +116,7 @@ async def test_full_cascade_ranks_prices_and_reports_every_step(
     assert _stage(response, "features").count_out == 1  # a known user
     assert {d.name for d in response.debug} >= {"recall", "prerank", "rank"}
     assert all(d.candidates for d in response.debug if d.name != "features")
-    _assert_priced(gateway, response)
+    await _assert_priced(gateway, response)
     await gateway.stop()
 
 
@@ -134,7 +134,7 @@ async def test_a_hanging_stage_is_skipped_within_the_budget(
     assert degraded == [step]
     assert "deadline" in _stage(response, step).reason
     assert response.degraded
-    _assert_priced(gateway, response)
+    await _assert_priced(gateway, response)
     await gateway.stop()
 
 
@@ -149,7 +149,7 @@ async def test_every_stage_failing_still_answers_from_qscore(
     assert "ConnectionError" in _stage(response, "rank").reason
     # the local cold-start channel screens the whole catalog by the Qscore estimate
     assert _stage(response, "screen").count_out > 0
-    _assert_priced(gateway, response)
+    await _assert_priced(gateway, response)
     await gateway.stop()
 
 
@@ -160,5 +160,5 @@ async def test_unknown_user_takes_the_cold_start_path(
     response = await gateway.serve_ads(_request(user="no-such-user-xyz"))
     assert _stage(response, "features").count_out == 0
     assert not response.degraded
-    _assert_priced(gateway, response)
+    await _assert_priced(gateway, response)
     await gateway.stop()

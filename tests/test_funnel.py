@@ -22,10 +22,10 @@ def funnel(tiny_data, tiny_bundle):
 
 
 def test_ideal_set_is_best_ecpm_one_per_campaign(funnel):
-    ids = funnel.catalog.cols.ad_ids[:50]
+    ids = funnel.catalog.view.ads.ad_id[:50]
     ecpm = np.linspace(1.0, 2.0, ids.size)
     chosen = ids[top_per_campaign(funnel.catalog, ids, ecpm, 10)]
-    campaigns = funnel.catalog.cols.campaign_id[funnel.catalog.rows_of(chosen)]
+    campaigns = funnel.catalog.view.ads.campaign_id[funnel.catalog.rows_of(chosen)]
     assert len(set(campaigns.tolist())) == len(chosen) <= 10
     assert chosen[0] == ids[-1]  # the highest eCPM leads
 

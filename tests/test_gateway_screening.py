@@ -20,23 +20,30 @@ def _ad(ad_id: int, campaign: int, bid: int = 100_000, scenes=("home_feed",), st
               target_cpa_micros=cpa, scenes=scenes, status=status, creative_id=f"c{ad_id}")
 
 
-def _catalog(ads: list[Ad], paused_campaigns: tuple[int, ...] = ()) -> Catalog:
-    catalog = Catalog(scenes=SCENES)
+def _catalog(ads: list[Ad], paused_campaigns: tuple[int, ...] = (),
+             qscores: QscoreTable | None = None) -> Catalog:
+    catalog = Catalog(scenes=SCENES, qscore=(qscores or QscoreTable(Qscore(1, 99))).ctr)
     campaigns = {a.campaign_id for a in ads}
     catalog.replace_all(ads, [Campaign(c, 1, 10**9, "paused" if c in paused_campaigns
                                        else "active") for c in campaigns], version=1)
     return catalog
 
 
-def _all_pace(campaigns: set[int]) -> set[int]:
-    return campaigns
+class _PaceOut:
+    """A pacer that refuses the given campaigns (the pacing rule itself is test_pacing's)."""
+
+    def __init__(self, catalog: Catalog, refused: set[int]) -> None:
+        self.catalog, self.refused = catalog, refused
+
+    def serve_mask(self, campaign_rows: np.ndarray, seed: int) -> np.ndarray:
+        ids = self.catalog.view.campaigns.campaign_id[campaign_rows]
+        return ~np.isin(ids, np.fromiter(self.refused, np.int64, len(self.refused)))
 
 
-def _run(catalog: Catalog, candidates, *, caps=None, qscores=None, pacing=_all_pace,
+def _run(catalog: Catalog, candidates, *, caps=None, pacer=None,
          policy=ScreenPolicy(k=2000, freq_cap=3), scene="home_feed"):
     return screen(np.asarray(candidates, np.int64), scene=scene, caps=caps or {},
-                  catalog=catalog, qscores=qscores or QscoreTable(Qscore(1, 99)),
-                  pacing=pacing, policy=policy)
+                  catalog=catalog, pacer=pacer, policy=policy)
 
 
 def test_each_eligibility_rule_drops_its_ads() -> None:
@@ -44,7 +51,7 @@ def test_each_eligibility_rule_drops_its_ads() -> None:
            _ad(5, 50), _ad(6, 60)]
     catalog = _catalog(ads, paused_campaigns=(30,))
     out = _run(catalog, [1, 2, 3, 4, 5, 6, 999], caps={50: 3, 60: 2},
-               pacing=lambda cs: cs - {60})
+               pacer=_PaceOut(catalog, {60}))
     assert out.ad_ids.tolist() == [1]
     assert out.dropped == {"unknown": 1, "ad_paused": 1, "scene": 1, "campaign_paused": 1,
                            "paced": 1, "freq_cap": 1}
@@ -52,9 +59,9 @@ def test_each_eligibility_rule_drops_its_ads() -> None:
 
 def test_order_is_by_qscore_estimate_not_raw_bid() -> None:
     # ad 1 bids 5x more but its CTR is 20x worse: ad 2 must come first.
-    catalog = _catalog([_ad(1, 10, bid=500_000), _ad(2, 20, bid=100_000)])
     table = QscoreTable(Qscore(1, 99), {1: (100_000, 100), 2: (100_000, 2_000)})
-    out = _run(catalog, [1, 2], qscores=table)
+    catalog = _catalog([_ad(1, 10, bid=500_000), _ad(2, 20, bid=100_000)], qscores=table)
+    out = _run(catalog, [1, 2])
     assert out.ad_ids.tolist() == [2, 1]
     assert out.estimate[0] == pytest.approx(1000 * table.ctr(np.array([2]))[0] * 100_000)
 
@@ -80,3 +87,20 @@ async def test_catalog_refresh_sees_admin_writes_in_the_store() -> None:
     out = _run(catalog, [1, 2], scene="search")
     assert out.ad_ids.tolist() == [2]
     assert _run(catalog, [1, 2]).ad_ids.size == 0  # ad 1 paused, ad 2 only targets search
+
+
+def test_screening_drops_are_counted_with_a_real_pacer_and_no_slow_path() -> None:
+    """Pacing by campaign rows: a spent campaign is dropped as `paced`; a throttled one is in or
+    out as a whole (one draw per campaign per request)."""
+    from services.gateway.pacing import Pacer
+
+    ads = [_ad(i, 10 + i % 3) for i in range(1, 31)]
+    catalog = _catalog(ads)
+    pacer = Pacer(MemoryStore(), catalog=catalog, clock=lambda: 1_700_000_000.0)
+    spend, _ = pacer._columns(catalog.view.n_campaigns)
+    row = catalog.view.campaign_index.get(11)
+    spend[row] = 10**9  # campaign 11 spent out
+    pacer.day = "20231114"
+    out = _run(catalog, list(range(1, 31)), pacer=pacer)
+    assert out.dropped == {"paced": 10}
+    assert set(out.ad_ids.tolist()) == {i for i in range(1, 31) if 10 + i % 3 != 11}

@@ -276,6 +276,7 @@ class StageReport(WireModel):
     ms: float = 0.0
     degraded: bool = False
     reason: str = ""
+    dropped: dict[str, int] = Field(default_factory=dict)  # screening: candidates per reason
 
 
 class DebugCandidate(WireModel):

@@ -13,12 +13,14 @@ a CPC ad without a bid, an oCPA ad without a target CPA.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from pydantic import Field
 
+from models.pricing import qscore_ecpm
 from services.common import wire
 from services.common.stage_app import HttpError
 from services.common.store import Ad, Campaign
@@ -71,7 +73,7 @@ class ExportBody(wire.WireModel):
 
 
 def _check_ad(gateway: Gateway, ad: Ad) -> None:
-    if ad.campaign_id not in gateway.catalog.campaigns:
+    if not gateway.catalog.has_campaign(ad.campaign_id):
         raise HttpError(422, f"campaign_id: campaign {ad.campaign_id} does not exist "
                              f"(create it first)", "campaign_id")
     unknown = [s for s in ad.scenes if s not in gateway.config.scenes]
@@ -94,12 +96,12 @@ def _features(ad: Ad) -> dict[str, wire.ScalarValue]:
 async def push_ad(gateway: Gateway, ad: Ad) -> dict[str, Any]:
     """Stages first, then the store and the local catalog (see the module docstring)."""
     _check_ad(gateway, ad)
-    known = ad.ad_id in gateway.catalog.ads
+    known = ad.ad_id in gateway.catalog
     vector = None
     if not known and gateway.stages.vectorizer is not None:
         vector = gateway.stages.vectorizer.ad_vector(_features(ad))
-    estimate = gateway.qscores.prior.prior_mean * 1000.0 * (
-        ad.bid_micros if ad.bid_type == "cpc" else ad.target_cpa_micros * gateway.cascade.prior_cvr)
+    estimate = qscore_ecpm(gateway.qscores.prior.prior_mean, ad.bid_type == "ocpa",
+                           ad.bid_micros, ad.target_cpa_micros, gateway.cascade.prior_cvr)
     update = wire.CatalogUpdate(ad_id=ad.ad_id, vector=vector, scenes=list(ad.scenes),
                                 status=ad.status, cold_score=float(estimate),
                                 features=_features(ad))
@@ -111,28 +113,28 @@ async def push_ad(gateway: Gateway, ad: Ad) -> dict[str, Any]:
             raise HttpError(502, f"stage {name} refused the ad: {exc}", name) from None
         stages[name] = answer.added if answer is not None else None
     await gateway.store.upsert_ad(ad)
-    gateway.catalog.apply_ad(ad)
+    await asyncio.to_thread(gateway.catalog.apply_ads, [ad])
     return {"ad_id": ad.ad_id, "created": not known, "status": ad.status, "stages": stages}
 
 
 async def push_campaign(gateway: Gateway, campaign: Campaign) -> dict[str, Any]:
-    known = campaign.campaign_id in gateway.catalog.campaigns
+    known = gateway.catalog.has_campaign(campaign.campaign_id)
     await gateway.store.upsert_campaign(campaign)
-    gateway.catalog.apply_campaign(campaign)
-    gateway.pacer.note_campaign(campaign)
+    await asyncio.to_thread(gateway.catalog.apply_campaigns, [campaign])  # pacing reads it too
     return {"campaign_id": campaign.campaign_id, "created": not known, "status": campaign.status,
             "daily_budget_micros": campaign.daily_budget_micros}
 
 
-def _ad(gateway: Gateway, ad_id: int) -> Ad:
-    ad = gateway.catalog.ads.get(ad_id)
+async def _ad(gateway: Gateway, ad_id: int) -> Ad:
+    """The stored ad (the store is the source of truth; the catalog keeps serving columns)."""
+    ad = (await gateway.store.get_ads([ad_id])).get(ad_id)
     if ad is None:
         raise HttpError(404, f"ad {ad_id} does not exist", "ad_id")
     return ad
 
 
-def _campaign(gateway: Gateway, campaign_id: int) -> Campaign:
-    campaign = gateway.catalog.campaigns.get(campaign_id)
+async def _campaign(gateway: Gateway, campaign_id: int) -> Campaign:
+    campaign = (await gateway.store.get_campaigns([campaign_id])).get(campaign_id)
     if campaign is None:
         raise HttpError(404, f"campaign {campaign_id} does not exist", "campaign_id")
     return campaign
@@ -154,12 +156,12 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return await push_campaign(gateway, Campaign(**body.model_dump()))
 
     async def patch_campaign(request: Request) -> dict[str, Any]:
-        current = _campaign(gateway, int(request.path_params["campaign_id"]))
+        current = await _campaign(gateway, int(request.path_params["campaign_id"]))
         body = await decode_body(request, CampaignPatch, ADMIN_BODY_LIMIT)
         return await push_campaign(gateway, replace(current, **body.model_dump(exclude_none=True)))
 
     async def pause_campaign(request: Request) -> dict[str, Any]:
-        current = _campaign(gateway, int(request.path_params["campaign_id"]))
+        current = await _campaign(gateway, int(request.path_params["campaign_id"]))
         return await push_campaign(gateway, replace(current, status="paused"))
 
     async def create_ad(request: Request) -> dict[str, Any]:
@@ -169,7 +171,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return await push_ad(gateway, Ad(**data))
 
     async def patch_ad(request: Request) -> dict[str, Any]:
-        current = _ad(gateway, int(request.path_params["ad_id"]))
+        current = await _ad(gateway, int(request.path_params["ad_id"]))
         changes = (await decode_body(request, AdPatch, ADMIN_BODY_LIMIT)).model_dump(
             exclude_none=True)
         if "scenes" in changes:
@@ -177,7 +179,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return await push_ad(gateway, replace(current, **changes))
 
     async def pause_ad(request: Request) -> dict[str, Any]:
-        current = _ad(gateway, int(request.path_params["ad_id"]))
+        current = await _ad(gateway, int(request.path_params["ad_id"]))
         return await push_ad(gateway, replace(current, status="paused"))
 
     async def reload(request: Request) -> dict[str, Any]:

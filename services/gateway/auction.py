@@ -1,6 +1,8 @@
 """The slot auction: eCPM ranking, a per-scene reserve, and generalized second price per click.
 
-Pure functions over typed candidates, no I/O, so every pricing rule is testable by hand.
+Pure functions, no I/O, so every pricing rule is testable by hand. The request path runs
+`auction` over columns (`Bids`), vectorised, and makes objects for the winners only; the
+formulas themselves (click value, eCPM) come from `models.pricing`.
 
 Billing is per click for CPC and oCPA alike. A candidate's *click bid* is what it offers per click:
 CPC: `bid_micros`; oCPA: `target_cpa_micros * pcvr` (the platform bids on the advertiser's behalf
@@ -31,8 +33,13 @@ exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+from models.pricing import click_value
+from models.pricing import ecpm as ecpm_of
 
 # Floating noise in ecpm/pctr round trips (e.g. 100.00000000001) must not cost a whole micro.
 _ROUND_EPS = 1e-6
@@ -53,12 +60,11 @@ class Candidate:
     @property
     def click_bid_micros(self) -> float:
         """What this ad offers per click (oCPA: the platform's bid target_cpa * pCVR)."""
-        if self.bid_type == "ocpa":
-            return self.target_cpa_micros * self.pcvr
-        if self.bid_type == "cpc":
-            return float(self.bid_micros)
-        raise ValueError(
-            f"ad {self.ad_id}: bid_type must be 'cpc' or 'ocpa' (got {self.bid_type!r})")
+        if self.bid_type not in ("cpc", "ocpa"):
+            raise ValueError(
+                f"ad {self.ad_id}: bid_type must be 'cpc' or 'ocpa' (got {self.bid_type!r})")
+        return float(click_value(self.bid_type == "ocpa", self.bid_micros,
+                                 self.target_cpa_micros, self.pcvr))
 
     @property
     def ecpm(self) -> float:
@@ -68,7 +74,7 @@ class Candidate:
 
 def ecpm(candidate: Candidate) -> float:
     """CPC: bid * pCTR * 1000; oCPA: target_cpa * pCTR * pCVR * 1000 (micros per mille)."""
-    return candidate.click_bid_micros * candidate.pctr * 1000.0
+    return float(ecpm_of(candidate.pctr, candidate.click_bid_micros))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,42 +116,44 @@ class Winner:
 
 
 @dataclass(frozen=True, slots=True)
-class _Bidder:
-    candidate: Candidate
-    ecpm: float
-    min_price: int  # ceil(floor per click), at least 1 micro
-    max_price: int  # floor(click bid)
+class Bids:
+    """The auction's input as columns (row i is one ranked candidate): what the request path
+    builds from the catalog and the ranker's arrays without a Python object per candidate."""
+
+    ad_ids: np.ndarray  # int64
+    campaign_ids: np.ndarray  # int64
+    ocpa: np.ndarray  # bool
+    bid_micros: np.ndarray  # int64 (CPC)
+    target_cpa_micros: np.ndarray  # int64 (oCPA)
+    pctr: np.ndarray  # float
+    pcvr: np.ndarray  # float
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> Bids:
+        for c in candidates:
+            if c.bid_type not in ("cpc", "ocpa"):
+                raise ValueError(
+                    f"ad {c.ad_id}: bid_type must be 'cpc' or 'ocpa' (got {c.bid_type!r})")
+
+        def col(name: str, dtype: type) -> np.ndarray:
+            return np.fromiter((getattr(c, name) for c in candidates), dtype, len(candidates))
+
+        return cls(col("ad_id", np.int64), col("campaign_id", np.int64),
+                   np.fromiter((c.bid_type == "ocpa" for c in candidates), bool,
+                               len(candidates)),
+                   col("bid_micros", np.int64), col("target_cpa_micros", np.int64),
+                   col("pctr", np.float64), col("pcvr", np.float64))
+
+    def candidate(self, i: int) -> Candidate:
+        """Row i as a `Candidate` (made for the winners only)."""
+        return Candidate(int(self.ad_ids[i]), int(self.campaign_ids[i]),
+                         "ocpa" if self.ocpa[i] else "cpc", int(self.bid_micros[i]),
+                         int(self.target_cpa_micros[i]), float(self.pctr[i]),
+                         float(self.pcvr[i]))
 
 
-def _eligible(candidates: Iterable[Candidate], reserve: Reserve) -> list[_Bidder]:
-    """Bidders that can pay the reserve in whole micros, best eCPM first, one per campaign."""
-    bidders: list[_Bidder] = []
-    for cand in candidates:
-        if not (cand.pctr > 0.0) or not math.isfinite(cand.pctr):
-            continue
-        value = ecpm(cand)
-        if not (value > 0.0) or value < reserve.ecpm_micros:
-            continue
-        min_price = max(1, math.ceil(reserve.click_floor(cand.pctr) - _ROUND_EPS))
-        max_price = math.floor(cand.click_bid_micros + _ROUND_EPS)
-        if max_price < min_price:
-            continue
-        bidders.append(_Bidder(cand, value, min_price, max_price))
-    bidders.sort(key=lambda b: (-b.ecpm, b.candidate.ad_id))
-    seen: set[int] = set()
-    unique: list[_Bidder] = []
-    for bidder in bidders:
-        if bidder.candidate.campaign_id in seen:
-            continue
-        seen.add(bidder.candidate.campaign_id)
-        unique.append(bidder)
-    return unique
-
-
-def run_auction(
-    candidates: Sequence[Candidate], slots: int, reserve: Reserve = NO_RESERVE
-) -> list[Winner]:
-    """Fill up to `slots` slots by GSP per click; see the module docstring for every rule.
+def auction(bids: Bids, slots: int, reserve: Reserve = NO_RESERVE) -> list[Winner]:
+    """Fill up to `slots` slots by GSP per click, vectorised; see the module docstring.
 
     The price-setting "next bidder" of the last winner is the best loser (after the one-ad-per-
     campaign rule: a second ad of a winning campaign could never take the slot, so it cannot set
@@ -153,12 +161,35 @@ def run_auction(
     """
     if slots < 0:
         raise ValueError(f"slots must be >= 0 (got {slots})")
-    ranked = _eligible(candidates, reserve)
+    pctr = np.asarray(bids.pctr, np.float64)
+    bid = click_value(bids.ocpa, bids.bid_micros, bids.target_cpa_micros, bids.pcvr)
+    value = ecpm_of(pctr, bid)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        floor = np.maximum(float(reserve.cpc_micros), reserve.ecpm_micros / (1000.0 * pctr))
+        min_price = np.maximum(1.0, np.ceil(floor - _ROUND_EPS))
+        max_price = np.floor(bid + _ROUND_EPS)
+        ok = (np.isfinite(pctr) & (pctr > 0.0) & (value > 0.0) & (value >= reserve.ecpm_micros)
+              & (max_price >= min_price))
+    live = np.flatnonzero(ok)
+    if not live.size or not slots:
+        return []
+    live = live[np.lexsort((bids.ad_ids[live], -value[live]))]  # best first; ties: lower id
+    _, first = np.unique(bids.campaign_ids[live], return_index=True)
+    ranked = live[np.sort(first)][:slots + 1]  # one ad per campaign, plus the price setter
     winners: list[Winner] = []
-    for slot, bidder in enumerate(ranked[:slots]):
-        pctr = bidder.candidate.pctr
-        next_ecpm = ranked[slot + 1].ecpm if slot + 1 < len(ranked) else 0.0
-        second = math.ceil(next_ecpm / (1000.0 * pctr) - _ROUND_EPS)
-        price = min(max(second, bidder.min_price), bidder.max_price)
-        winners.append(Winner(slot, bidder.candidate, price, bidder.ecpm, bidder.min_price))
+    for slot, i in enumerate(ranked[:slots].tolist()):
+        next_ecpm = float(value[ranked[slot + 1]]) if slot + 1 < ranked.size else 0.0
+        second = math.ceil(next_ecpm / (1000.0 * float(pctr[i])) - _ROUND_EPS)
+        price = int(min(max(second, min_price[i]), max_price[i]))
+        winners.append(Winner(slot, bids.candidate(i), price, float(value[i]),
+                              int(min_price[i])))
     return winners
+
+
+def run_auction(
+    candidates: Sequence[Candidate], slots: int, reserve: Reserve = NO_RESERVE
+) -> list[Winner]:
+    """`auction` over typed candidates (tests, tools); the request path passes `Bids`."""
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0 (got {slots})")
+    return auction(Bids.of(candidates), slots, reserve)

@@ -21,36 +21,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from models.pricing import PRIOR_CVR, ecpm
 from services.common import wire
 from services.common.deadline import Deadline, DeadlineExceeded
 from services.common.store import OnlineStore, UserContext
-from services.gateway.auction import Candidate, Reserve, Winner, run_auction
+from services.gateway.auction import Bids, Reserve, Winner, auction
 from services.gateway.catalog import Catalog
 from services.gateway.clients import StageClient
+from services.gateway.pacing import Pacer
 from services.gateway.screening import (
     QscoreTable,
     Screened,
     ScreenPolicy,
-    click_value,
-    qscore_estimate,
+    catalog_click_value,
     screen,
 )
 from services.gateway.tokens import TokenSigner
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Step:
-    """One step of the request path: its cut (K), its guaranteed budget share, its fallback."""
+    """One step of the request path: its cut (K), its guaranteed budget share, whether it
+    calls a stage (and so runs under its own deadline), and what stands in when it fails."""
 
     name: str
     k: int | None
@@ -60,7 +62,7 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("features", None, 0.10, False, "cold-start path (no profile, empty sequence)"),
+    Step("features", None, 0.10, True, "cold-start path (no profile, empty sequence)"),
     Step("recall", 2000, 0.20, True, "local cold-start pool: the scene's top 2 x K1 by Qscore"),
     Step("screen", 2000, 0.05, False, "none: an unscreened ad is never served (no slots)"),
     Step("prerank", 200, 0.20, True, "Qscore order, top K3"),
@@ -91,11 +93,11 @@ DEFAULT_SCENES: dict[str, SceneRules] = {
 class GatewayConfig:
     """Every gateway knob (defaults here; `from_settings` reads settings.extra['gateway'])."""
 
-    k1: int = STEP["recall"].k or 2000
-    k2: int = STEP["screen"].k or 2000
-    k3: int = STEP["prerank"].k or 200
+    k1: int = STEP["recall"].k or 0
+    k2: int = STEP["screen"].k or 0
+    k3: int = STEP["prerank"].k or 0
     freq_cap: int = 5  # impressions per campaign per user per UTC day
-    prior_cvr: float = 0.05  # used when the bundle records none
+    prior_cvr: float = PRIOR_CVR  # used when the bundle records none
     rank_fallback_factor: int = 4  # with rank degraded, the top factor x slots enter the auction
     scenes: dict[str, SceneRules] = field(default_factory=lambda: dict(DEFAULT_SCENES))
     catalog_refresh_s: float = 1.0
@@ -125,7 +127,48 @@ class StageRecord:
     ms: float = 0.0
     degraded: bool = False
     reason: str = ""
-    top: list[wire.DebugCandidate] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    top: tuple[np.ndarray, np.ndarray] | None = None  # (ad ids, scores), best first
+
+    def report(self) -> wire.StageReport:
+        return wire.StageReport.model_construct(
+            name=self.name, count_in=self.count_in, count_out=self.count_out,
+            ms=round(self.ms, 3), degraded=self.degraded, reason=self.reason,
+            dropped=self.dropped)
+
+    def debug(self) -> wire.DebugStage:
+        ids, scores = self.top if self.top is not None else ((), ())
+        return wire.DebugStage(name=self.name, candidates=[
+            wire.DebugCandidate(ad_id=int(a), score=float(v))
+            for a, v in zip(list(ids)[:DEBUG_TOP], list(scores)[:DEBUG_TOP], strict=True)])
+
+
+@dataclass
+class RequestState:
+    """Everything one request's steps pass along: the candidates in their current order and
+    the scores the next step needs. Each step reads and replaces what it owns."""
+
+    request: wire.AdsRequest
+    deadline: Deadline
+    budget_ms: float
+    now: float
+    hour: int
+    records: dict[str, StageRecord]
+    user: UserContext = field(default_factory=lambda: UserContext(profile=None))
+    part: dict[str, Any] = field(default_factory=dict)  # the user half of every stage request
+    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+    screened: Screened = field(default_factory=Screened.empty)
+    pctr: np.ndarray = field(default_factory=lambda: np.empty(0))
+    pcvr: np.ndarray = field(default_factory=lambda: np.empty(0))
+    model_version: str = ""
+    winners: list[Winner] = field(default_factory=list)
+
+    def count_out(self, step: str) -> int:
+        """What a step hands on: a known user, the candidates, or the filled slots."""
+        if step == "features":
+            return int(self.user.known)
+        return len(self.winners) if step == "auction" else int(self.ids.size)
 
 
 @dataclass
@@ -138,31 +181,119 @@ class CascadeResult:
     stage_context: dict[str, Any]
 
 
-def _top(ids: np.ndarray, scores: np.ndarray, n: int = DEBUG_TOP) -> list[wire.DebugCandidate]:
-    return [wire.DebugCandidate(ad_id=int(a), score=float(s))
-            for a, s in zip(ids[:n].tolist(), scores[:n].tolist(), strict=True)]
-
-
 class Cascade:
-    """Runs the six steps for one `AdsRequest` with the given stage clients."""
+    """Runs the six steps of `STEPS` for one `AdsRequest` with the given stage clients.
+
+    `run` is one loop over `STEPS`: each step is the method `_<name>` (plus `_<name>_fallback`
+    where the step has one); a remote step runs under its share of the deadline and a failed
+    or late one leaves the previous order standing.
+    """
 
     def __init__(self, *, config: GatewayConfig, store: OnlineStore, catalog: Catalog,
-                 qscores: QscoreTable, pacing: Callable[[set[int]], set[int]],
-                 signer: TokenSigner, retrieval: StageClient, prerank: StageClient,
-                 rank: StageClient, prior_cvr: float | None = None, budget_ms: float = 50.0,
+                 qscores: QscoreTable, pacer: Pacer | None, signer: TokenSigner,
+                 retrieval: StageClient, prerank: StageClient, rank: StageClient,
+                 prior_cvr: float | None = None, budget_ms: float = 50.0,
                  model_version: Callable[[], str] = lambda: "") -> None:
         self.config = config
         self.store, self.catalog, self.qscores = store, catalog, qscores
-        self.pacing, self.signer = pacing, signer
+        self.pacer, self.signer = pacer, signer
         self.retrieval, self.prerank, self.rank = retrieval, prerank, rank
         self.prior_cvr = prior_cvr if prior_cvr is not None else config.prior_cvr
         self.model_version = model_version
         self.budget_ms = budget_ms  # default request budget (CASCADE_BUDGET_MS)
         self._fallback: dict[str, tuple[int, float, np.ndarray]] = {}
+        self._steps = [(step, getattr(self, f"_{step.name}"),
+                        getattr(self, f"_{step.name}_fallback", None)) for step in STEPS]
+        self._keep_ms = {step.name: sum(s.reserve_share for s in STEPS[i + 1:])
+                         for i, step in enumerate(STEPS)}
 
-    # -- local fallback for recall ----------------------------------------------------------------
+    # -- the request path ------------------------------------------------------------------------
+    async def run(self, request: wire.AdsRequest, arrived: float | None = None) -> CascadeResult:
+        """Serve one request. `arrived` (time.monotonic() when its first byte came in) starts
+        the deadline, so time spent queued before the handler ran counts against the budget."""
+        budget_ms = request.budget_ms or self.budget_ms
+        start = time.monotonic() if arrived is None else arrived
+        now = time.time()
+        hour = request.context.hour if request.context.hour is not None else \
+            datetime.fromtimestamp(now, tz=UTC).hour
+        st = RequestState(request, Deadline(start + budget_ms / 1000.0), budget_ms, now, hour,
+                          {s.name: StageRecord(s.name) for s in STEPS})
+        for step, call, fallback in self._steps:
+            record = st.records[step.name]
+            record.count_in = int(st.ids.size)
+            started = time.perf_counter()
+            if step.remote:
+                deadline = st.deadline.child(max(
+                    0.0, st.deadline.remaining_ms() - self._keep_ms[step.name] * budget_ms))
+                ok = await self._guarded(record, deadline, lambda d, c=call: c(st, d))
+            else:
+                ok = self._local(record, lambda c=call: c(st))
+            if not ok and fallback is not None:
+                await fallback(st)
+            record.ms = (time.perf_counter() - started) * 1000
+            record.count_out = st.count_out(step.name)
+        return self._result(st)
+
+    async def _guarded(self, record: StageRecord, deadline: Deadline,
+                       call: Callable[[Deadline], Awaitable[Any]]) -> bool:
+        """Run a remote step within its deadline; False (and the record degraded) on failure."""
+        try:
+            if deadline.remaining_ms() <= 0:
+                raise DeadlineExceeded("no budget left")
+            await asyncio.wait_for(call(deadline), timeout=deadline.remaining_s())
+            return True
+        except (TimeoutError, DeadlineExceeded) as exc:
+            record.degraded, record.reason = True, f"deadline exceeded: {exc}".rstrip(": ")
+        except Exception as exc:  # noqa: BLE001 - a stage failure is a degraded answer
+            record.degraded = True
+            record.reason = f"failed: {type(exc).__name__}: {exc}"[:300]
+            log.warning("stage %s failed: %s", record.name, record.reason)
+        return False
+
+    @staticmethod
+    def _local(record: StageRecord, call: Callable[[], None]) -> bool:
+        """Run a local (inline, sub-millisecond) step; a bug degrades, never a 5xx."""
+        try:
+            call()
+            return True
+        except Exception as exc:  # noqa: BLE001 - never serve from a broken local step
+            log.exception("step %s failed", record.name)
+            record.degraded = True
+            record.reason = f"failed: {type(exc).__name__}: {exc}"[:300]
+        return False
+
+    # -- 1 features --------------------------------------------------------------------------
+    async def _features(self, st: RequestState, deadline: Deadline) -> None:
+        st.user = await self.store.get_user_context(st.request.user_id)
+        self._features_done(st)
+
+    async def _features_fallback(self, st: RequestState) -> None:
+        st.user = UserContext(profile=None)
+        self._features_done(st)
+
+    def _features_done(self, st: RequestState) -> None:
+        request = st.request
+        context: dict[str, wire.ScalarValue] = {"hour": st.hour, "position": 0}
+        if request.context.device:
+            context["device"] = request.context.device
+        st.part = dict(request_id=request.request_id, user_id=request.user_id,
+                       scene=request.scene, context=context, hist=self._hist(st.user),
+                       user={k: v for k, v in (st.user.profile or {}).items() if k != "user_id"})
+
+    # -- 2 recall ------------------------------------------------------------------------------
+    async def _recall(self, st: RequestState, deadline: Deadline) -> None:
+        recalled = await self.retrieval.call(wire.RecallRequest(**st.part, k=self.config.k1),
+                                             deadline)
+        st.ids, st.scores = recalled.ad_ids, recalled.scores
+        st.records["recall"].top = (st.ids, st.scores)
+
+    async def _recall_fallback(self, st: RequestState) -> None:
+        """The scene's best ads by Qscore eCPM (cached, bounded: see `_fallback_pool`)."""
+        st.ids = await self._fallback_pool(st.request.scene)
+        st.scores = np.zeros(st.ids.size)
+
     async def _fallback_pool(self, scene: str) -> np.ndarray:
-        """The scene's top 2 x K1 eligible ads by the Qscore eCPM estimate.
+        """The scene's top 2 x K1 servable ads by the Qscore eCPM estimate.
 
         Bounded on purpose: screening the whole catalog when retrieval fails would cost a
         million-ad scan per request exactly when the gateway is overloaded. Recomputed off the
@@ -177,151 +308,89 @@ class Cascade:
         return pool
 
     def _compute_fallback(self, scene: str) -> np.ndarray:
-        c = self.catalog.cols
-        rows = np.flatnonzero(c.active & ((c.scene_bits & self.catalog.scene_bit(scene)) != 0))
+        view = self.catalog.view
+        rows = self.catalog.servable(scene)
         k = min(rows.size, 2 * self.config.k1)
         if rows.size > k:
-            estimate = qscore_estimate(self.catalog, rows, self.qscores.ctr(c.ad_ids[rows]),
-                                       self.prior_cvr)
+            estimate = ecpm(view.ads.qctr[rows], catalog_click_value(view, rows, self.prior_cvr))
             rows = rows[np.argpartition(-estimate, k - 1)[:k]]
-        return c.ad_ids[rows]
+        return view.ads.ad_id[rows]
 
-    # -- deadlines and guarded calls ------------------------------------------------------------
-    def _step_deadline(self, step: Step, deadline: Deadline, budget_ms: float) -> Deadline:
-        later = STEPS[STEPS.index(step) + 1:]
-        keep_ms = sum(s.reserve_share for s in later) * budget_ms
-        return deadline.child(max(0.0, deadline.remaining_ms() - keep_ms))
+    # -- 3 screen ------------------------------------------------------------------------------
+    def _screen(self, st: RequestState) -> None:
+        request = st.request
+        st.screened = screen(st.ids, scene=request.scene, caps=st.user.caps,
+                             catalog=self.catalog, pacer=self.pacer,
+                             policy=ScreenPolicy(self.config.k2, self.config.freq_cap,
+                                                 self.prior_cvr),
+                             seed=zlib.crc32(request.request_id.encode()))
+        st.ids, st.scores = st.screened.ad_ids, st.screened.estimate
+        record = st.records["screen"]
+        record.dropped, record.top = st.screened.dropped, (st.ids, st.scores)
 
-    async def _guarded(self, record: StageRecord, deadline: Deadline,
-                       call: Callable[[Deadline], Awaitable[T]]) -> T | None:
-        """Run a step's call within its deadline; None (and the record degraded) on failure."""
-        started = time.perf_counter()
-        try:
-            if deadline.remaining_ms() <= 0:
-                raise DeadlineExceeded("no budget left")
-            return await asyncio.wait_for(call(deadline), timeout=deadline.remaining_s())
-        except (TimeoutError, DeadlineExceeded) as exc:
-            record.degraded, record.reason = True, f"deadline exceeded: {exc}".rstrip(": ")
-        except Exception as exc:  # noqa: BLE001 - a stage failure is a degraded answer
-            record.degraded = True
-            record.reason = f"failed: {type(exc).__name__}: {exc}"[:300]
-            log.warning("stage %s failed: %s", record.name, record.reason)
-        finally:
-            record.ms = (time.perf_counter() - started) * 1000
-        return None
+    async def _screen_fallback(self, st: RequestState) -> None:
+        st.screened = Screened.empty()
+        st.ids, st.scores = st.screened.ad_ids, st.screened.estimate
 
-    # -- the request path ------------------------------------------------------------------------
-    async def run(self, request: wire.AdsRequest) -> CascadeResult:
-        budget_ms = request.budget_ms or self.budget_ms
-        deadline = Deadline.after_ms(budget_ms)
-        records = {s.name: StageRecord(s.name) for s in STEPS}
-        cfg, now = self.config, time.time()
-        hour = request.context.hour if request.context.hour is not None else \
-            datetime.fromtimestamp(now, tz=UTC).hour
-
-        # 1 features
-        rec = records["features"]
-        user = await self._guarded(rec, self._step_deadline(STEP["features"], deadline,
-                                                            budget_ms),
-                                   lambda d: self.store.get_user_context(request.user_id))
-        if user is None:
-            user = UserContext(profile=None)
-        rec.count_out = int(user.known)
-        context: dict[str, wire.ScalarValue] = {"hour": hour, "position": 0}
-        if request.context.device:
-            context["device"] = request.context.device
-        part = dict(request_id=request.request_id, user_id=request.user_id, scene=request.scene,
-                    user={k: v for k, v in (user.profile or {}).items() if k != "user_id"},
-                    hist=self._hist(user), context=context)
-
-        # 2 recall
-        rec = records["recall"]
-        recalled = await self._guarded(
-            rec, self._step_deadline(STEP["recall"], deadline, budget_ms),
-            lambda d: self.retrieval.call(wire.RecallRequest(**part, k=cfg.k1), d))
-        if recalled is not None:
-            candidates = recalled.ad_ids
-            rec.top = _top(recalled.ad_ids, recalled.scores)
-        else:  # local cold-start channel: the scene's best ads by Qscore eCPM (cached)
-            candidates = await self._fallback_pool(request.scene)
-        rec.count_out = int(candidates.size)
-
-        # 3 screen
-        rec = records["screen"]
-        rec.count_in = int(candidates.size)
-        started = time.perf_counter()
-        try:
-            screened = screen(candidates, scene=request.scene, caps=user.caps,
-                              catalog=self.catalog, qscores=self.qscores, pacing=self.pacing,
-                              policy=ScreenPolicy(cfg.k2, cfg.freq_cap, self.prior_cvr))
-        except Exception as exc:  # noqa: BLE001 - never serve unscreened ads
-            log.exception("screening failed")
-            rec.degraded, rec.reason = True, f"failed: {type(exc).__name__}: {exc}"[:300]
-            none = np.empty(0, np.int64)
-            screened = Screened(none, none, np.empty(0), np.empty(0), {})
-        rec.ms = (time.perf_counter() - started) * 1000
-        rec.count_out = int(screened.ad_ids.size)
-        rec.top = _top(screened.ad_ids, screened.estimate)
-        qctr = dict(zip(screened.ad_ids.tolist(), screened.qctr.tolist(), strict=True))
-
-        # 4 prerank
-        rec = records["prerank"]
-        rec.count_in = int(screened.ad_ids.size)
-        order, scores = screened.ad_ids[:cfg.k3], screened.estimate[:cfg.k3]
+    # -- 4 prerank -----------------------------------------------------------------------------
+    async def _prerank(self, st: RequestState, deadline: Deadline) -> None:
+        screened, k3 = st.screened, self.config.k3
         if screened.ad_ids.size:
-            pre = await self._guarded(
-                rec, self._step_deadline(STEP["prerank"], deadline, budget_ms),
-                lambda d: self.prerank.call(wire.PrerankRequest(
-                    **part, k=cfg.k3, ad_ids=screened.ad_ids,
-                    values=click_value(self.catalog, screened.rows, self.prior_cvr)), d))
-            if pre is not None:
-                order, scores = pre.ad_ids[:cfg.k3], pre.scores[:cfg.k3]
-        rec.count_out = int(order.size)
-        rec.top = _top(order, scores)
+            pre = await self.prerank.call(wire.PrerankRequest(
+                **st.part, k=k3, ad_ids=screened.ad_ids, values=screened.click_value), deadline)
+            st.ids, st.scores = pre.ad_ids[:k3], pre.scores[:k3]
+        st.records["prerank"].top = (st.ids, st.scores)
 
-        # 5 rank
-        rec = records["rank"]
-        rec.count_in = int(order.size)
-        ranked = None
-        if order.size:
-            ranked = await self._guarded(
-                rec, self._step_deadline(STEP["rank"], deadline, budget_ms),
-                lambda d: self.rank.call(wire.RankRequest(
-                    **part, ad_ids=order, ad_features=self._ad_features(order)), d))
-        if ranked is not None:
-            ids, pctr, pcvr = ranked.ad_ids, ranked.pctr, ranked.pcvr
-        else:
-            ids = order[:max(cfg.rank_fallback_factor * request.slots, request.slots)]
-            pctr = np.asarray([qctr.get(a, self.qscores.prior.prior_mean)
-                               for a in ids.tolist()], np.float32)
-            pcvr = np.full(ids.size, self.prior_cvr, np.float32)
-        rec.count_out = int(ids.size)
-        rec.top = _top(ids, pctr)
+    async def _prerank_fallback(self, st: RequestState) -> None:
+        st.ids, st.scores = st.ids[:self.config.k3], st.scores[:self.config.k3]
 
-        # 6 auction
-        rec = records["auction"]
-        rec.count_in = int(ids.size)
-        started = time.perf_counter()
-        winners = run_auction(self._candidates(ids, pctr, pcvr), request.slots,
-                              cfg.scenes[request.scene].reserve)
-        slots = [self._slot(w, request, now) for w in winners]
-        rec.ms = (time.perf_counter() - started) * 1000
-        rec.count_out = len(slots)
-        rec.top = [wire.DebugCandidate(ad_id=w.ad_id, score=w.ecpm) for w in winners]
+    # -- 5 rank --------------------------------------------------------------------------------
+    async def _rank(self, st: RequestState, deadline: Deadline) -> None:
+        if not st.ids.size:
+            st.pctr = st.pcvr = np.empty(0)
+            return
+        ranked = await self.rank.call(wire.RankRequest(**st.part, ad_ids=st.ids), deadline)
+        st.ids, st.pctr, st.pcvr = ranked.ad_ids, ranked.pctr, ranked.pcvr
+        st.model_version = ranked.info.model_version
+        st.records["rank"].top = (st.ids, st.pctr)
 
-        response = wire.AdsResponse(
-            request_id=request.request_id, slots=slots,
-            stages=[wire.StageReport(name=r.name, count_in=r.count_in, count_out=r.count_out,
-                                     ms=round(r.ms, 3), degraded=r.degraded, reason=r.reason)
-                    for r in records.values()],
-            degraded=any(r.degraded for r in records.values()),
-            model_version=ranked.info.model_version if ranked is not None
-            else self.model_version(),
-            debug=[wire.DebugStage(name=r.name, candidates=r.top) for r in records.values()]
-            if request.debug else [])
-        return CascadeResult(response, winners, user, {"hour": hour, "ts": now, **part})
+    async def _rank_fallback(self, st: RequestState) -> None:
+        """The previous order's head, priced with the Qscore CTR and the prior CVR."""
+        slots = st.request.slots
+        st.ids = st.ids[:max(self.config.rank_fallback_factor * slots, slots)]
+        rows = self.catalog.rows_of(st.ids)
+        st.pctr = np.where(rows >= 0, self.catalog.view.ads.qctr[np.maximum(rows, 0)],
+                           self.qscores.prior.prior_mean)
+        st.pcvr = np.full(st.ids.size, self.prior_cvr)
+        st.records["rank"].top = (st.ids, st.pctr)
 
-    # -- helpers -------------------------------------------------------------------------------
+    # -- 6 auction -----------------------------------------------------------------------------
+    def _auction(self, st: RequestState) -> None:
+        view = self.catalog.view
+        rows = view.ad_index.rows(st.ids)
+        known = rows >= 0
+        rows, a = rows[known], view.ads
+        bids = Bids(a.ad_id[rows], a.campaign_id[rows], a.ocpa[rows], a.bid_micros[rows],
+                    a.target_cpa_micros[rows], np.asarray(st.pctr, np.float64)[known],
+                    np.asarray(st.pcvr, np.float64)[known])
+        st.winners = auction(bids, st.request.slots,
+                             self.config.scenes[st.request.scene].reserve)
+        st.records["auction"].top = (np.array([w.ad_id for w in st.winners], np.int64),
+                                     np.array([w.ecpm for w in st.winners]))
+
+    # -- the answer ----------------------------------------------------------------------------
+    def _result(self, st: RequestState) -> CascadeResult:
+        request, records = st.request, st.records.values()
+        response = wire.AdsResponse.model_construct(
+            request_id=request.request_id,
+            slots=[self._slot(w, request, st.now) for w in st.winners],
+            stages=[r.report() for r in records],
+            degraded=any(r.degraded for r in records),
+            model_version=st.model_version or self.model_version(),
+            debug=[r.debug() for r in records] if request.debug else [])
+        return CascadeResult(response, st.winners, st.user,
+                             {"hour": st.hour, "ts": st.now, **st.part})
+
     @staticmethod
     def _hist(user: UserContext) -> dict[str, wire.Column]:
         """The behaviour columns; none at all for an empty sequence, so a user with nothing
@@ -332,34 +401,18 @@ class Cascade:
                 "hist_category_id": wire.Column(ints=np.asarray(user.hist_category_id,
                                                                 np.int64))}
 
-    def _ad_features(self, ad_ids: np.ndarray) -> dict[str, wire.Column]:
-        """Raw ad features from the catalog snapshot (so a brand-new ad ranks on its own)."""
-        ads = [self.catalog.ads[a] for a in ad_ids.tolist()]
-        ints = {name: np.fromiter((getattr(a, name) for a in ads), np.int64, len(ads))
-                for name in ("ad_id", "campaign_id", "advertiser_id", "category_id",
-                             "brand_id", "price_bucket")}
-        out = {name: wire.Column(ints=values) for name, values in ints.items()}
-        out["bid_type"] = wire.Column(strs=[a.bid_type for a in ads])
-        return out
-
-    def _candidates(self, ids: np.ndarray, pctr: np.ndarray,
-                    pcvr: np.ndarray) -> list[Candidate]:
-        out = []
-        for ad_id, ctr, cvr in zip(ids.tolist(), pctr.tolist(), pcvr.tolist(), strict=True):
-            ad = self.catalog.ads.get(ad_id)
-            if ad is None:
-                continue
-            out.append(Candidate(ad_id, ad.campaign_id, ad.bid_type, ad.bid_micros,
-                                 ad.target_cpa_micros, float(ctr), float(cvr)))
-        return out
-
     def _slot(self, winner: Winner, request: wire.AdsRequest, now: float) -> wire.AdSlot:
-        ad = self.catalog.ads[winner.ad_id]
-        token = self.signer.sign(request_id=request.request_id, ad_id=ad.ad_id,
-                                 campaign_id=ad.campaign_id, user_id=request.user_id,
+        view = self.catalog.view
+        row = view.ad_index.get(winner.ad_id)
+        a = view.ads
+        creative = str(a.creative_id[row]) if row is not None else ""
+        category = int(a.category_id[row]) if row is not None else 0
+        token = self.signer.sign(request_id=request.request_id, ad_id=winner.ad_id,
+                                 campaign_id=winner.campaign_id, user_id=request.user_id,
                                  scene=request.scene, price_micros=winner.price_micros,
-                                 category_id=ad.category_id, position=winner.slot, now=now)
-        return wire.AdSlot(position=winner.slot, ad_id=ad.ad_id, campaign_id=ad.campaign_id,
-                           creative_id=ad.creative_id, price_micros=winner.price_micros,
-                           pctr=winner.candidate.pctr, pcvr=winner.candidate.pcvr,
-                           ecpm=round(winner.ecpm, 3), token=token)
+                                 category_id=category, position=winner.slot, now=now)
+        return wire.AdSlot.model_construct(
+            position=winner.slot, ad_id=winner.ad_id, campaign_id=winner.campaign_id,
+            creative_id=creative, price_micros=winner.price_micros,
+            pctr=winner.candidate.pctr, pcvr=winner.candidate.pcvr,
+            ecpm=round(winner.ecpm, 3), token=token)

@@ -1,4 +1,4 @@
-"""The gateway's local catalog snapshot: every ad and campaign, as columns, in process memory.
+"""The gateway's local catalog snapshot: every ad and campaign as columns, in process memory.
 
 Why a snapshot: screening looks at up to 2,000 candidates per request, and reading `ad:{id}`
 hashes from Redis per candidate would cost more than the whole ranking budget. The snapshot is
@@ -6,176 +6,266 @@ loaded from the store at start-up and refreshed incrementally from `store.catalo
 every `refresh_s` (1 s): only the ads and campaigns edited since the last version are re-read,
 and a bulk load (which the change list does not cover) triggers a full reload.
 
-Columns are numpy arrays row-aligned with `ad_ids`, so screening is a handful of vectorised
-gathers over candidate rows instead of a Python loop. Scene targeting is a bit mask per ad
-(bit i = the i-th scene in `scenes`); scenes unknown to the gateway get no bit and never match.
-Admin writes are applied to the snapshot at once (`apply_ad`, `apply_campaign`), so a new or
-paused ad takes effect on the next request rather than after the next refresh.
+Columns, not objects: a million `Ad` objects would cost ~0.5 GB per worker and a Python loop
+per request. Rows are found through one `IdIndex` per table; each ad row carries its
+campaign's row (`campaign_row`), so screening's campaign checks are gathers, not lookups.
+The Qscore CTR lives here too (`qctr`, kept current by `QscoreTable`), so the Qscore eCPM of
+a candidate is a gather and one multiply.
+
+Concurrency: changes are applied off the event loop (`apply_ads` / `apply_campaigns` in a
+worker thread, one writer at a time) while requests read. An edit of a known row writes its
+cells in place; new rows are written before their id becomes visible in the index; growing
+past capacity builds new arrays and swaps the whole `CatalogView`, so a request that took the
+view keeps consistent arrays. No per-request path ever falls back to a slower one after an
+edit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from services.common.id_index import IdIndex
 from services.common.store import Ad, Campaign, OnlineStore
 
 log = logging.getLogger(__name__)
 
 ACTIVE = "active"
+SPARE = 1024  # free rows kept after a (re)build, so new ads rarely force a regrow
 
 
-@dataclass
-class CatalogColumns:
-    """Row-aligned columns of the ads (row i describes `ad_ids[i]`)."""
+@dataclass(frozen=True)
+class AdColumns:
+    """Row-aligned ad columns (row i describes `ad_id[i]`; rows past `CatalogView.n_ads` are
+    spare capacity)."""
 
-    ad_ids: np.ndarray  # int64
+    ad_id: np.ndarray  # int64
     campaign_id: np.ndarray  # int64
+    campaign_row: np.ndarray  # int64 row in CampaignColumns, -1 while the campaign is unknown
     category_id: np.ndarray  # int64
     ocpa: np.ndarray  # bool: bid type oCPA
     bid_micros: np.ndarray  # int64
     target_cpa_micros: np.ndarray  # int64
     active: np.ndarray  # bool: the ad's own status
     scene_bits: np.ndarray  # int64 bit mask over the gateway's scene list
+    qctr: np.ndarray  # float64 Qscore posterior CTR
+    creative_id: np.ndarray  # object (str)
+
+
+@dataclass(frozen=True)
+class CampaignColumns:
+    """Row-aligned campaign columns."""
+
+    campaign_id: np.ndarray  # int64
+    active: np.ndarray  # bool
+    daily_budget_micros: np.ndarray  # int64
+
+
+def _grown(columns: AdColumns | CampaignColumns, capacity: int):  # noqa: ANN202
+    """A copy of `columns` with `capacity` rows (new rows zeroed)."""
+    out = {}
+    for f in fields(columns):
+        old = getattr(columns, f.name)
+        new = np.zeros(capacity, dtype=old.dtype) if old.dtype != object else \
+            np.full(capacity, "", dtype=object)
+        new[:min(old.size, capacity)] = old[:capacity]
+        out[f.name] = new
+    return type(columns)(**out)
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    """One consistent set of arrays and indexes; swapped whole when the catalog regrows."""
+
+    ads: AdColumns
+    ad_index: IdIndex
+    n_ads: int
+    campaigns: CampaignColumns
+    campaign_index: IdIndex
+    n_campaigns: int
 
     @classmethod
-    def empty(cls) -> CatalogColumns:
-        i64 = np.empty(0, np.int64)
-        return cls(i64, i64, i64, np.empty(0, bool), i64, i64, np.empty(0, bool), i64)
+    def empty(cls) -> CatalogView:
+        i64, flag = np.empty(0, np.int64), np.empty(0, bool)
+        ads = AdColumns(i64, i64, i64, i64, flag, i64, i64, flag, i64, np.empty(0),
+                        np.empty(0, object))
+        return cls(ads, IdIndex(i64), 0, CampaignColumns(i64, flag, i64), IdIndex(i64), 0)
 
 
-@dataclass
 class Catalog:
-    """Ads + campaigns snapshot with an id -> row index (see the module docstring)."""
+    """Ads + campaigns snapshot (see the module docstring)."""
 
-    scenes: Sequence[str]
-    ads: dict[int, Ad] = field(default_factory=dict)
-    campaigns: dict[int, Campaign] = field(default_factory=dict)
-    version: int = -1
-    cols: CatalogColumns = field(default_factory=CatalogColumns.empty)
-    _row: dict[int, int] = field(default_factory=dict)
-    _sorted_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    _sorted_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    _active_campaigns: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    def __init__(self, scenes: Sequence[str],
+                 qscore: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.scenes = tuple(scenes)
+        self.version = -1
+        self.view = CatalogView.empty()
+        self._qscore = qscore or (lambda ids: np.full(np.asarray(ids).shape, 0.01))
+        self._write = threading.Lock()
 
-    # -- building ------------------------------------------------------------------------------
+    # -- reading -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.view.n_ads
+
+    def __contains__(self, ad_id: object) -> bool:
+        return self.row(int(ad_id)) is not None  # type: ignore[call-overload]
+
     def scene_bit(self, scene: str) -> int:
         try:
-            return 1 << list(self.scenes).index(scene)
+            return 1 << self.scenes.index(scene)
         except ValueError:
             return 0
 
+    def rows_of(self, ad_ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 for ids the snapshot does not know (vectorised)."""
+        return self.view.ad_index.rows(ad_ids)
+
+    def row(self, ad_id: int) -> int | None:
+        return self.view.ad_index.get(ad_id)
+
+    def has_campaign(self, campaign_id: int) -> bool:
+        return self.view.campaign_index.get(campaign_id) is not None
+
+    def campaign_active(self, campaign_ids: np.ndarray) -> np.ndarray:
+        """True where the campaign exists and is active (a missing campaign never serves)."""
+        view = self.view
+        rows = view.campaign_index.rows(campaign_ids)
+        return (rows >= 0) & view.campaigns.active[np.maximum(rows, 0)]
+
+    def servable(self, scene: str) -> np.ndarray:
+        """Rows of every ad that may serve in `scene`: active, targeted, campaign active."""
+        view = self.view
+        a = view.ads
+        n = view.n_ads
+        camp = a.campaign_row[:n]
+        return np.flatnonzero(a.active[:n] & ((a.scene_bits[:n] & self.scene_bit(scene)) != 0)
+                              & (camp >= 0) & view.campaigns.active[np.maximum(camp, 0)])
+
+    # -- writing (one writer at a time; call off the event loop) -------------------------------
     def _bits(self, scenes: Iterable[str]) -> int:
         bits = 0
         for name in scenes:
             bits |= self.scene_bit(name)
         return bits
 
-    def _rebuild(self) -> None:
-        ads = list(self.ads.values())
-        self.cols = CatalogColumns(
-            ad_ids=np.fromiter((a.ad_id for a in ads), np.int64, len(ads)),
-            campaign_id=np.fromiter((a.campaign_id for a in ads), np.int64, len(ads)),
-            category_id=np.fromiter((a.category_id for a in ads), np.int64, len(ads)),
-            ocpa=np.fromiter((a.bid_type == "ocpa" for a in ads), bool, len(ads)),
-            bid_micros=np.fromiter((a.bid_micros for a in ads), np.int64, len(ads)),
-            target_cpa_micros=np.fromiter((a.target_cpa_micros for a in ads), np.int64, len(ads)),
-            active=np.fromiter((a.status == ACTIVE for a in ads), bool, len(ads)),
-            scene_bits=np.fromiter((self._bits(a.scenes) for a in ads), np.int64, len(ads)),
-        )
-        self._row = {a.ad_id: i for i, a in enumerate(ads)}
-        order = np.argsort(self.cols.ad_ids, kind="stable")
-        self._sorted_ids = self.cols.ad_ids[order]
-        self._sorted_rows = order.astype(np.int64)
+    def replace_all(self, ads: Iterable[Ad], campaigns: Iterable[Campaign],
+                    version: int) -> None:
+        """Rebuild from scratch (start-up, bulk loads)."""
+        with self._write:
+            self.view = CatalogView.empty()
+            self._apply_campaigns(list(campaigns))
+            self._apply_ads(list(ads))
+            self.version = version
 
-    def _set_row(self, row: int, ad: Ad) -> None:
-        c = self.cols
-        c.campaign_id[row] = ad.campaign_id
-        c.category_id[row] = ad.category_id
-        c.ocpa[row] = ad.bid_type == "ocpa"
-        c.bid_micros[row] = ad.bid_micros
-        c.target_cpa_micros[row] = ad.target_cpa_micros
-        c.active[row] = ad.status == ACTIVE
-        c.scene_bits[row] = self._bits(ad.scenes)
+    def apply_ads(self, ads: Iterable[Ad]) -> None:
+        """Insert or update ads (admin writes, incremental refresh)."""
+        with self._write:
+            self._apply_ads(list(ads))
 
-    def replace_all(self, ads: Iterable[Ad], campaigns: Iterable[Campaign], version: int) -> None:
-        self.ads = {a.ad_id: a for a in ads}
-        self.campaigns = {c.campaign_id: c for c in campaigns}
-        self.version = version
-        self._rebuild()
-        self._rebuild_campaigns()
+    def apply_campaigns(self, campaigns: Iterable[Campaign]) -> None:
+        with self._write:
+            self._apply_campaigns(list(campaigns))
 
-    def _rebuild_campaigns(self) -> None:
-        """Sorted ids of the active campaigns: screening tests membership vectorised."""
-        live = [cid for cid, c in self.campaigns.items() if c.status == ACTIVE]
-        self._active_campaigns = np.sort(np.asarray(live, dtype=np.int64))
+    def set_qctr(self, ad_ids: np.ndarray, qctr: np.ndarray) -> None:
+        """New Qscore CTRs for some ads (ids the catalog does not hold are ignored)."""
+        view = self.view
+        rows = view.ad_index.rows(ad_ids)
+        hit = rows >= 0
+        view.ads.qctr[rows[hit]] = np.asarray(qctr, np.float64)[hit]
 
-    def apply_ad(self, ad: Ad) -> None:
-        """Insert or update one ad (admin writes and incremental refresh)."""
-        self.ads[ad.ad_id] = ad
-        row = self._row.get(ad.ad_id)
-        if row is None:
-            self._rebuild()  # O(ads); new ads are rare next to requests
-        else:
-            self._set_row(row, ad)
+    def _apply_ads(self, ads: list[Ad]) -> None:
+        if not ads:
+            return
+        view = self.view
+        ids = np.fromiter((a.ad_id for a in ads), np.int64, len(ads))
+        ids, last = np.unique(ids[::-1], return_index=True)  # the last write of an id wins
+        ads = [ads[len(ads) - 1 - i] for i in last.tolist()]
+        rows = view.ad_index.rows(ids)
+        new = rows < 0
+        n_new = int(new.sum())
+        if view.n_ads + n_new > view.ads.ad_id.size:
+            capacity = max(2 * view.ads.ad_id.size, view.n_ads + n_new + SPARE)
+            view = replace(view, ads=_grown(view.ads, capacity))
+        rows = rows.copy()
+        rows[new] = np.arange(view.n_ads, view.n_ads + n_new)
+        a = view.ads
+        a.ad_id[rows] = ids
+        a.campaign_id[rows] = np.fromiter((x.campaign_id for x in ads), np.int64, len(ads))
+        a.campaign_row[rows] = view.campaign_index.rows(a.campaign_id[rows])
+        a.category_id[rows] = np.fromiter((x.category_id for x in ads), np.int64, len(ads))
+        a.ocpa[rows] = np.fromiter((x.bid_type == "ocpa" for x in ads), bool, len(ads))
+        a.bid_micros[rows] = np.fromiter((x.bid_micros for x in ads), np.int64, len(ads))
+        a.target_cpa_micros[rows] = np.fromiter((x.target_cpa_micros for x in ads), np.int64,
+                                                len(ads))
+        a.active[rows] = np.fromiter((x.status == ACTIVE for x in ads), bool, len(ads))
+        a.scene_bits[rows] = np.fromiter((self._bits(x.scenes) for x in ads), np.int64, len(ads))
+        a.creative_id[rows] = [x.creative_id for x in ads]
+        if n_new:
+            a.qctr[rows[new]] = self._qscore(ids[new])
+            n = view.n_ads + n_new
+            # rows are written before their ids become visible: a new index, swapped whole
+            self.view = replace(view, ad_index=IdIndex(a.ad_id[:n]), n_ads=n)
 
-    def apply_campaign(self, campaign: Campaign) -> None:
-        self.campaigns[campaign.campaign_id] = campaign
-        self._rebuild_campaigns()
-
-    # -- reading -------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.ads)
-
-    def rows_of(self, ad_ids: np.ndarray) -> np.ndarray:
-        """Row of each id, -1 for ids the snapshot does not know (vectorised)."""
-        ids = np.asarray(ad_ids, dtype=np.int64)
-        if not self._sorted_ids.size or not ids.size:
-            return np.full(ids.shape, -1, np.int64)
-        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, self._sorted_ids.size - 1)
-        found = self._sorted_ids[pos] == ids
-        return np.where(found, self._sorted_rows[pos], -1)
-
-    def campaign_active(self, campaign_ids: np.ndarray) -> np.ndarray:
-        """True where the campaign exists and is active (a missing campaign never serves)."""
-        ids = np.asarray(campaign_ids, dtype=np.int64)
-        live = self._active_campaigns
-        if not live.size or not ids.size:
-            return np.zeros(ids.shape, bool)
-        pos = np.clip(np.searchsorted(live, ids), 0, live.size - 1)
-        return live[pos] == ids
+    def _apply_campaigns(self, campaigns: list[Campaign]) -> None:
+        if not campaigns:
+            return
+        view = self.view
+        by_id = {c.campaign_id: c for c in campaigns}
+        ids = np.fromiter(by_id, np.int64, len(by_id))
+        rows = view.campaign_index.rows(ids).copy()
+        new = rows < 0
+        n_new = int(new.sum())
+        if view.n_campaigns + n_new > view.campaigns.campaign_id.size:
+            capacity = max(2 * view.campaigns.campaign_id.size,
+                           view.n_campaigns + n_new + SPARE)
+            view = replace(view, campaigns=_grown(view.campaigns, capacity))
+        rows[new] = np.arange(view.n_campaigns, view.n_campaigns + n_new)
+        c = view.campaigns
+        values = list(by_id.values())
+        c.campaign_id[rows] = ids
+        c.active[rows] = np.fromiter((x.status == ACTIVE for x in values), bool, len(values))
+        c.daily_budget_micros[rows] = np.fromiter((x.daily_budget_micros for x in values),
+                                                  np.int64, len(values))
+        if n_new:
+            n = view.n_campaigns + n_new
+            index = IdIndex(c.campaign_id[:n])
+            a = view.ads
+            waiting = np.flatnonzero(a.campaign_row[:view.n_ads] < 0)  # ads seen before them
+            if waiting.size:
+                a.campaign_row[waiting] = index.rows(a.campaign_id[waiting])
+            self.view = replace(view, campaigns=c, campaign_index=index, n_campaigns=n)
 
     # -- syncing with the store ----------------------------------------------------------------
     async def load(self, store: OnlineStore) -> None:
+        """Full read (start-up, bulk loads); the columns are built off the event loop."""
         version = await store.catalog_version()
         ads: list[Ad] = []
         async for batch in store.iter_ads():
             ads += batch
         campaigns = await store.get_campaigns()
-        self.replace_all(ads, campaigns.values(), version)
-        log.info("catalog snapshot: %d ads, %d campaigns (version %d)", len(self.ads),
-                 len(self.campaigns), version)
+        await asyncio.to_thread(self.replace_all, ads, campaigns.values(), version)
+        log.info("catalog snapshot: %d ads, %d campaigns (version %d)", len(self),
+                 self.view.n_campaigns, version)
 
     async def refresh(self, store: OnlineStore) -> int:
         """Apply what changed since our version; the number of records re-read."""
         changes = await store.catalog_changes(self.version)
         if changes.full_reload:
             await self.load(store)
-            return len(self.ads)
+            return len(self)
         if changes.version == self.version:
             return 0
-        if changes.ad_ids:
-            fresh = await store.get_ads(changes.ad_ids)
-            for ad in fresh.values():
-                self.apply_ad(ad)
         if changes.campaign_ids:
             fresh_campaigns = await store.get_campaigns(changes.campaign_ids)
-            for campaign in fresh_campaigns.values():
-                self.apply_campaign(campaign)
+            await asyncio.to_thread(self.apply_campaigns, fresh_campaigns.values())
+        if changes.ad_ids:
+            fresh = await store.get_ads(changes.ad_ids)
+            await asyncio.to_thread(self.apply_ads, fresh.values())
         self.version = changes.version
         return len(changes.ad_ids) + len(changes.campaign_ids)
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from models.bundle import read_bundle
 from models.data import layout
+from models.pricing import ecpm
 from models.train.split import TimeSplit
 from services.common import wire
 from services.common.config import Settings
@@ -27,7 +28,7 @@ from services.common.store_load import load_marketplace
 from services.common.store_memory import MemoryStore
 from services.gateway.cascade import GatewayConfig
 from services.gateway.catalog import Catalog
-from services.gateway.screening import QscoreTable, ScreenPolicy, click_value, screen
+from services.gateway.screening import QscoreTable, ScreenPolicy, catalog_click_value, screen
 from services.gateway.stage_loaders import bundle_priors, load_stage
 
 RANK_CHUNK = 4096
@@ -71,14 +72,13 @@ def sample_requests(data_dir: Path, split: TimeSplit, n: int, seed: int) -> list
 
 def _ecpm(catalog: Catalog, ad_ids: np.ndarray, pctr: np.ndarray, pcvr: np.ndarray) -> np.ndarray:
     """The auction's eCPM (micros per mille): CPC bid x pCTR, oCPA target CPA x pCTR x pCVR."""
-    # an oCPA click is worth target CPA x this ad's pCVR, as in auction.ecpm
-    return 1000.0 * pctr * click_value(catalog, catalog.rows_of(ad_ids), pcvr)
+    return ecpm(pctr, catalog_click_value(catalog.view, catalog.rows_of(ad_ids), pcvr))
 
 
 def top_per_campaign(catalog: Catalog, ad_ids: np.ndarray, ecpm: np.ndarray, n: int) -> np.ndarray:
     """Indices of the best `n` ads by eCPM, at most one per campaign (the auction's rule)."""
     order = np.lexsort((ad_ids, -ecpm))
-    campaigns = catalog.cols.campaign_id[catalog.rows_of(ad_ids[order])]
+    campaigns = catalog.view.ads.campaign_id[catalog.rows_of(ad_ids[order])]
     _, first = np.unique(campaigns, return_index=True)
     return order[np.sort(first)][:n]
 
@@ -95,7 +95,7 @@ class Funnel:
         self.rank = load_stage("rank", bundle_path, settings)
         prior, counts, self.prior_cvr = bundle_priors(self.bundle)
         self.qscores = QscoreTable(prior, counts)
-        self.catalog = Catalog(scenes=tuple(self.config.scenes))
+        self.catalog = Catalog(scenes=tuple(self.config.scenes), qscore=self.qscores.ctr)
         store = MemoryStore()
         asyncio.run(self._load(store, data_dir))
 
@@ -105,10 +105,7 @@ class Funnel:
 
     def eligible(self, scene: str) -> np.ndarray:
         """Every ad that may serve in `scene`: active, targeted, campaign active."""
-        c = self.catalog.cols
-        mask = c.active & ((c.scene_bits & self.catalog.scene_bit(scene)) != 0)
-        mask &= self.catalog.campaign_active(c.campaign_id)
-        return c.ad_ids[mask]
+        return self.catalog.view.ads.ad_id[self.catalog.servable(scene)]
 
     def rank_all(self, req: FunnelRequest, ad_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ad ids, eCPM) by the full ranker, in chunks to bound memory."""
@@ -126,12 +123,10 @@ class Funnel:
         cfg = self.config
         part = dict(scene=req.scene, user=req.user, hist=req.hist, context=req.context)
         recalled = self.retrieval.handle(wire.RecallRequest(**part, k=cfg.k1)).ad_ids
-        screened = screen(recalled, scene=req.scene, caps={}, catalog=self.catalog,
-                          qscores=self.qscores, pacing=lambda ids: ids,
+        screened = screen(recalled, scene=req.scene, caps={}, catalog=self.catalog, pacer=None,
                           policy=ScreenPolicy(k=cfg.k2, freq_cap=0, prior_cvr=self.prior_cvr))
         preranked = self.prerank.handle(wire.PrerankRequest(
-            **part, ad_ids=screened.ad_ids, k=cfg.k3,
-            values=click_value(self.catalog, screened.rows, self.prior_cvr))).ad_ids
+            **part, ad_ids=screened.ad_ids, k=cfg.k3, values=screened.click_value)).ad_ids
         return {"retrieval": recalled, "screen": screened.ad_ids, "prerank": preranked}
 
     def measure(self, req: FunnelRequest, top_n: int) -> dict[str, float]:

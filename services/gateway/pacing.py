@@ -1,8 +1,9 @@
 """Budget pacing: which campaigns may serve right now, decided from a local snapshot.
 
-The request path must not read Redis per campaign, so a `Pacer` keeps a `PacingState` (every
-campaign's daily budget, status and today's spend) that it refreshes from the store at least every
-second (`refresh_s`); `allows()` is then a dictionary lookup and some arithmetic.
+The request path must not read Redis per campaign, so a `Pacer` keeps today's spend per campaign
+as a column row-aligned with the catalog's campaign columns (which hold budget and status), and
+refreshes it from the store at least every second (`refresh_s`); a request's pacing is then a
+few gathers and some arithmetic over its candidates' campaign rows (`serve_mask`).
 
 Pacing rule (uniform schedule over the UTC day):
 
@@ -31,15 +32,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 
-from services.common.store import Campaign, OnlineStore, utc_day
+from services.common.store import OnlineStore, utc_day
+from services.gateway.catalog import Catalog
 
 log = logging.getLogger(__name__)
 DAY_S = 86_400
@@ -98,163 +101,126 @@ class PacingConfig:
     hold_s: float = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class CampaignState:
-    """One campaign as pacing sees it: budget, status and spend for `PacingState.day`."""
-
-    campaign_id: int
-    daily_budget_micros: int
-    status: str
-    spend_micros: int
-
-
-@dataclass(frozen=True, slots=True)
-class PacingState:
-    """An immutable snapshot: swapped whole on refresh, so a request sees one consistent view."""
-
-    day: str
-    taken_at: float
-    campaigns: dict[int, CampaignState] = field(default_factory=dict)
-    columns: PacingColumns | None = None  # the same campaigns as sorted arrays (vectorised)
-
-
-@dataclass(frozen=True, slots=True)
-class PacingColumns:
-    """Campaign states as sorted numpy columns: one request asks about ~1,000 campaigns,
-    which a Python loop over `CampaignState`s cannot answer within a millisecond."""
-
-    ids: np.ndarray  # int64, sorted
-    budget: np.ndarray  # int64 micros
-    spend: np.ndarray  # int64 micros
-    active: np.ndarray  # bool
-
-    @classmethod
-    def build(cls, campaigns: dict[int, CampaignState]) -> PacingColumns:
-        ids = np.fromiter(campaigns.keys(), np.int64, len(campaigns))
-        order = np.argsort(ids)
-        states = list(campaigns.values())
-        budget = np.fromiter((c.daily_budget_micros for c in states), np.int64, len(states))
-        spend = np.fromiter((c.spend_micros for c in states), np.int64, len(states))
-        active = np.fromiter((c.status == "active" for c in states), bool, len(states))
-        return cls(ids[order], budget[order], spend[order], active[order])
-
-    def with_spend(self, spend: dict[int, int]) -> PacingColumns:
-        """A copy with new spend for some campaigns (ids it does not hold are ignored)."""
-        if not spend:
-            return self
-        new = self.spend.copy()
-        ids = np.fromiter(spend.keys(), np.int64, len(spend))
-        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(self.ids.size - 1, 0))
-        hit = self.ids[pos] == ids if self.ids.size else np.zeros(ids.size, bool)
-        new[pos[hit]] = np.fromiter(spend.values(), np.int64, len(spend))[hit]
-        return PacingColumns(self.ids, self.budget, new, self.active)
+def campaign_draws(campaign_rows: np.ndarray, seed: int) -> np.ndarray:
+    """One uniform draw in [0, 1) per (request seed, campaign), vectorised: every candidate of
+    a campaign sees the same draw, so a throttled campaign is in or out as a whole, without a
+    per-request `np.unique` or a Python generator over campaigns."""
+    with np.errstate(over="ignore"):
+        mixed = (np.asarray(campaign_rows, np.uint64) + np.uint64(seed & 0xFFFFFFFF)
+                 * np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed ^= mixed >> np.uint64(31)
+        mixed *= np.uint64(0x94D049BB133111EB)
+        mixed ^= mixed >> np.uint64(29)
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 class Pacer:
-    """Holds the current `PacingState`, refreshes it from the store, answers `allows()`."""
+    """Today's spend and in-flight holds per campaign, row-aligned with the catalog's campaign
+    columns (budget and status come from there), answering for many campaigns at once.
+
+    The gateway passes its `Catalog`, which it refreshes itself (admin writes land there at
+    once, so a paused or re-budgeted campaign is paced correctly on the next request, on the
+    same vectorised path). Without one, the pacer keeps a catalog of its own and refreshes it.
+    """
 
     def __init__(self, store: OnlineStore, config: PacingConfig | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, catalog: Catalog | None = None) -> None:
         self.store = store
         self.config = config or PacingConfig()
         self._clock = clock
-        self.state = PacingState(day="", taken_at=0.0)
-        self._catalog_version = -1
-        self._campaigns: dict[int, Campaign] = {}
-        self._holds: deque[tuple[float, int, float]] = deque()  # (expires, campaign, micros)
-        self._held: dict[int, float] = {}
+        self._own_catalog = catalog is None
+        self.catalog = catalog if catalog is not None else Catalog(scenes=())
+        self.day = ""
+        self.taken_at = 0.0
+        self._spend = np.zeros(0, np.float64)  # by campaign row: today's spend (micros)
+        self._held = np.zeros(0, np.float64)  # by campaign row: in-flight expected cost
+        self._holds: deque[tuple[float, int, float]] = deque()  # (expires, row, micros)
         self._changes_read_at = 0.0  # wall clock of the last spend read
+        self._lock = threading.Lock()
 
-    async def refresh(self, now: float | None = None) -> PacingState:
-        """Re-read budgets/statuses (only when the catalog changed) and today's spend.
+    # -- columns -------------------------------------------------------------------------------
+    def _columns(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Spend and held columns covering `n` campaign rows (grown with zeros: a campaign
+        created since the last refresh has spent nothing the pacer knows of)."""
+        spend, held = self._spend, self._held
+        if spend.size < n:
+            with self._lock:
+                spend, held = self._spend, self._held
+                if spend.size < n:
+                    size = max(n, 2 * spend.size)
+                    spend = np.concatenate([spend, np.zeros(size - spend.size)])
+                    held = np.concatenate([held, np.zeros(size - held.size)])
+                    self._spend, self._held = spend, held
+        return spend, held
 
-        A full read happens at start, on a new UTC day and after catalog changes; otherwise
-        only campaigns whose spend moved since the last refresh are re-read
+    async def refresh(self, now: float | None = None) -> Pacer:
+        """Re-read today's spend: all campaigns at start, on a new UTC day and after a bulk
+        catalog load; otherwise only campaigns whose spend moved since the last refresh
         (`store.changed_since('spend')`, marked by whichever replica's worker charged them),
-        so a 150k-campaign catalog costs O(changes) per second, not O(catalog).
-        """
+        so a 150k-campaign catalog costs O(changes) per second, not O(catalog)."""
         now = self._clock() if now is None else now
-        version = await self.store.catalog_version()
+        if self._own_catalog:
+            await self.catalog.refresh(self.store)
+        view = self.catalog.view
         day = utc_day(now)
-        full = version != self._catalog_version or not self._campaigns or day != self.state.day
-        if version != self._catalog_version or not self._campaigns:
-            self._campaigns = await self.store.get_campaigns()
-            self._catalog_version = version
+        full = day != self.day or self._spend.size < view.n_campaigns
         read_at = time.time()
         if full:
-            ids = set(self._campaigns)
-            campaigns: dict[int, CampaignState] = {}
+            ids = view.campaign_index.ids[:view.n_campaigns]
         else:
             changed = await self.store.changed_since("spend", self._changes_read_at - CHANGE_SKEW_S)
-            ids = set(changed) & self._campaigns.keys()
-            campaigns = dict(self.state.campaigns)
-        spend = await self.store.get_spend(ids, day) if ids else {}
-        for cid in ids:
-            c = self._campaigns[cid]
-            campaigns[cid] = CampaignState(cid, c.daily_budget_micros, c.status,
-                                           spend.get(cid, 0))
-        self._changes_read_at = read_at
-        columns = self.state.columns
-        if full or columns is None:
-            columns = await asyncio.to_thread(PacingColumns.build, campaigns)
+            ids = np.asarray(sorted(changed), np.int64)
+        spend = await self.store.get_spend(ids.tolist(), day) if ids.size else {}
+        rows = view.campaign_index.rows(ids)
+        values = np.fromiter((spend.get(int(c), 0) for c in ids.tolist()), np.float64, ids.size)
+        if full:
+            fresh = np.zeros(max(view.n_campaigns, 1))
+            fresh[rows[rows >= 0]] = values[rows >= 0]
+            with self._lock:
+                self._spend = fresh
+                if self._held.size < fresh.size:
+                    self._held = np.concatenate([self._held,
+                                                 np.zeros(fresh.size - self._held.size)])
         else:
-            columns = columns.with_spend(spend)
-        self.state = PacingState(day, now, campaigns, columns)
-        return self.state
+            current, _ = self._columns(view.n_campaigns)
+            current[rows[rows >= 0]] = values[rows >= 0]
+        self.day, self.taken_at, self._changes_read_at = day, now, read_at
+        return self
 
-    def note_campaign(self, campaign: Campaign) -> None:
-        """An admin write, visible to pacing at once rather than at the next refresh."""
-        self._campaigns[campaign.campaign_id] = campaign
-        spend = self.state.campaigns.get(campaign.campaign_id)
-        campaigns = dict(self.state.campaigns)
-        campaigns[campaign.campaign_id] = CampaignState(
-            campaign.campaign_id, campaign.daily_budget_micros, campaign.status,
-            spend.spend_micros if spend else 0)
-        # columns=None: `eligible` answers from the dict until the next refresh rebuilds them
-        self.state = PacingState(self.state.day, self.state.taken_at, campaigns)
-
-    def note_served(self, campaign_id: int, expected_micros: float,
-                    now: float | None = None) -> None:
-        """Hold a served slot's expected click cost until its click has had time to land."""
+    # -- decisions -----------------------------------------------------------------------------
+    def probabilities(self, campaign_rows: np.ndarray, now: float | None = None) -> np.ndarray:
+        """Serve probability per campaign row (0 for unknown rows (-1), paused or spent)."""
         now = self._clock() if now is None else now
-        self._expire_holds(now)
-        self._holds.append((now + self.config.hold_s, campaign_id, expected_micros))
-        self._held[campaign_id] = self._held.get(campaign_id, 0.0) + expected_micros
-
-    def _expire_holds(self, now: float) -> None:
-        while self._holds and self._holds[0][0] <= now:
-            _, cid, micros = self._holds.popleft()
-            left = self._held.get(cid, 0.0) - micros
-            if left <= 1e-9:
-                self._held.pop(cid, None)
-            else:
-                self._held[cid] = left
-
-    def probability(self, campaign_id: int, now: float | None = None) -> float:
-        """Serve probability for this campaign now (0 for unknown, paused or spent campaigns)."""
-        now = self._clock() if now is None else now
-        state = self.state.campaigns.get(campaign_id)
-        if state is None or state.status != "active":
-            return 0.0
+        rows = np.asarray(campaign_rows, np.int64)
+        view = self.catalog.view
+        known = rows >= 0
+        safe = np.maximum(rows, 0)
+        spend, held = self._columns(view.n_campaigns)
         today, share = self._calendar(now)
-        if today != self.state.day:  # the day rolled over since the snapshot
-            spend = 0
+        if today != self.day:  # the day rolled over since the snapshot
+            used = np.zeros(rows.size)
         else:
             self._expire_holds(now)
-            spend = state.spend_micros + int(self._held.get(campaign_id, 0.0))
-        return serve_probability(spend, state.daily_budget_micros, share,
-                                 self.config.slack, self.config.band)
+            used = spend[safe] + held[safe]
+        p = serve_probabilities(used, view.campaigns.daily_budget_micros[safe], share,
+                                self.config.slack, self.config.band)
+        return np.where(known & view.campaigns.active[safe], p, 0.0)
 
-    def _calendar(self, now: float) -> tuple[str, float]:
-        """(UTC day, share of day gone), memoised per 10 ms: a request asks for every
-        candidate campaign at the same `now`, and datetime formatting per campaign would cost
-        more than the rest of screening (added by the gateway engineer)."""
-        key = int(now * 100)
-        cached = getattr(self, "_calendar_memo", None)
-        if cached is None or cached[0] != key:
-            cached = (key, utc_day(now), day_share(now))
-            self._calendar_memo = cached
-        return cached[1], cached[2]
+    def serve_mask(self, campaign_rows: np.ndarray, seed: int,
+                   now: float | None = None) -> np.ndarray:
+        """Whether each candidate's campaign paces in for this request (one draw per campaign
+        per request, from `seed`)."""
+        p = self.probabilities(campaign_rows, now)
+        out = p >= 1.0
+        partial = np.flatnonzero((p > 0.0) & ~out)
+        if partial.size:
+            out[partial] = campaign_draws(campaign_rows[partial], seed) < p[partial]
+        return out
+
+    def probability(self, campaign_id: int, now: float | None = None) -> float:
+        """One campaign's serve probability now (0 for unknown, paused or spent campaigns)."""
+        rows = self.catalog.view.campaign_index.rows(np.array([campaign_id], np.int64))
+        return float(self.probabilities(rows, now)[0])
 
     def allows(self, campaign_id: int, now: float | None = None,
                draw: float | None = None) -> bool:
@@ -268,31 +234,47 @@ class Pacer:
 
     def eligible(self, campaign_ids: Iterable[int], now: float | None = None,
                  rng: random.Random | None = None) -> set[int]:
-        """The campaigns of one request that pace in (one draw per campaign per request).
-
-        Vectorised over the snapshot's columns; the same rule as `probability`."""
-        now = self._clock() if now is None else now
+        """The campaigns that pace in for one request (tools and tests; the request path
+        uses `serve_mask` over candidate rows)."""
         ids = np.unique(np.fromiter((int(c) for c in campaign_ids), np.int64))
-        cols = self.state.columns
-        if cols is None or not ids.size or not cols.ids.size:
-            rand = (rng or random).random
-            return {cid for cid in ids.tolist() if self.allows(cid, now, rand())}
-        pos = np.clip(np.searchsorted(cols.ids, ids), 0, cols.ids.size - 1)
-        known = (cols.ids[pos] == ids) & cols.active[pos]
-        today, share = self._calendar(now)
-        if today != self.state.day:
-            spend = np.zeros(ids.size, np.float64)
-        else:
-            self._expire_holds(now)
-            held = self._held
-            spend = cols.spend[pos] + np.fromiter((held.get(c, 0.0) for c in ids.tolist()),
-                                                  np.float64, ids.size)
-        p = serve_probabilities(spend, cols.budget[pos], share, self.config.slack,
-                                self.config.band)
-        p = np.where(known, p, 0.0)
-        draws = np.fromiter(((rng or random).random() for _ in range(ids.size)), np.float64,
-                            ids.size)
-        return set(ids[(p >= 1.0) | (draws < p)].tolist())
+        rows = self.catalog.view.campaign_index.rows(ids)
+        seed = (rng or random).getrandbits(32)
+        return set(ids[self.serve_mask(rows, seed, now)].tolist())
+
+    def spend(self, campaign_id: int) -> int:
+        """Today's spend as last read (micros; 0 for unknown campaigns)."""
+        row = self.catalog.view.campaign_index.get(campaign_id)
+        spend, _ = self._columns(self.catalog.view.n_campaigns)
+        return int(spend[row]) if row is not None else 0
+
+    # -- in-flight holds -----------------------------------------------------------------------
+    def note_served(self, campaign_id: int, expected_micros: float,
+                    now: float | None = None) -> None:
+        """Hold a served slot's expected click cost until its click has had time to land."""
+        now = self._clock() if now is None else now
+        row = self.catalog.view.campaign_index.get(campaign_id)
+        if row is None:
+            return
+        self._expire_holds(now)
+        _, held = self._columns(row + 1)
+        self._holds.append((now + self.config.hold_s, row, expected_micros))
+        held[row] += expected_micros
+
+    def _expire_holds(self, now: float) -> None:
+        holds, held = self._holds, self._held
+        while holds and holds[0][0] <= now:
+            _, row, micros = holds.popleft()
+            held[row] = max(0.0, held[row] - micros)
+
+    def _calendar(self, now: float) -> tuple[str, float]:
+        """(UTC day, share of day gone), memoised per 10 ms: datetime formatting per request
+        would cost more than the pacing arithmetic."""
+        key = int(now * 100)
+        cached = getattr(self, "_calendar_memo", None)
+        if cached is None or cached[0] != key:
+            cached = (key, utc_day(now), day_share(now))
+            self._calendar_memo = cached
+        return cached[1], cached[2]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refresh every `refresh_s` until `stop` is set; a failed refresh keeps the old view."""
@@ -301,7 +283,7 @@ class Pacer:
                 await self.refresh()
             except Exception:  # noqa: BLE001 - a store hiccup must not stop pacing
                 log.exception("pacing refresh failed; keeping the snapshot from %.0f",
-                              self.state.taken_at)
+                              self.taken_at)
             try:
                 await asyncio.wait_for(stop.wait(), self.config.refresh_s)
             except TimeoutError:

@@ -29,7 +29,7 @@ from services.gateway.cascade import Cascade, CascadeResult, GatewayConfig
 from services.gateway.catalog import Catalog
 from services.gateway.clients import StageClient
 from services.gateway.pacing import Pacer
-from services.gateway.screening import DEFAULT_PRIOR, QscoreTable, pacing_filter
+from services.gateway.screening import DEFAULT_PRIOR, QscoreTable
 from services.gateway.served_log import SERVED_KEY, ServedSources, served_records
 from services.gateway.tokens import TokenError, TokenSigner
 from services.gateway.worker import EventWorker, now_ms
@@ -97,13 +97,13 @@ class Gateway:
         self.served = make_label_log(settings, client, SERVED_KEY)
         self.worker = EventWorker(self.events, self.store, self.labels)
         self.signer = TokenSigner.from_settings(settings)
-        self.catalog = Catalog(scenes=tuple(config.scenes))
         self.qscores = QscoreTable(stages.prior, stages.qscore_counts)
-        self.pacer = Pacer(self.store)
+        self.catalog = Catalog(scenes=tuple(config.scenes), qscore=self.qscores.ctr)
+        self.pacer = Pacer(self.store, catalog=self.catalog)
         self.metrics = GatewayMetrics()
         self.cascade = Cascade(
             config=config, store=self.store, catalog=self.catalog, qscores=self.qscores,
-            pacing=pacing_filter(self.pacer), signer=self.signer, retrieval=stages.retrieval,
+            pacer=self.pacer, signer=self.signer, retrieval=stages.retrieval,
             prerank=stages.prerank, rank=stages.rank, prior_cvr=stages.prior_cvr,
             budget_ms=settings.budget_ms, model_version=self.model_version)
         self._stop = asyncio.Event()
@@ -121,7 +121,9 @@ class Gateway:
     async def start(self, background: bool = True) -> None:
         await self.catalog.load(self.store)
         await self.pacer.refresh()
-        await self.qscores.refresh(self.store, self.catalog.ads.keys())
+        view = self.catalog.view
+        await self.qscores.refresh(self.store, self.catalog,
+                                   view.ad_index.ids[:view.n_ads].tolist())
         await self.warm_up()
         if background:
             stop, cfg = self._stop, self.config
@@ -162,9 +164,11 @@ class Gateway:
         return out
 
     # -- the request path ----------------------------------------------------------------------
-    async def serve_ads(self, request: wire.AdsRequest) -> wire.AdsResponse:
+    async def serve_ads(self, request: wire.AdsRequest,
+                        arrived: float | None = None) -> wire.AdsResponse:
+        """Answer one ad request; `arrived` (monotonic) starts its deadline (see Cascade.run)."""
         started = time.perf_counter()
-        result = await self.cascade.run(request)
+        result = await self.cascade.run(request, arrived)
         self.metrics.observe(result.response, time.perf_counter() - started)
         if result.winners:
             for winner in result.winners:  # hold the expected cost until the click can land
@@ -195,7 +199,7 @@ class Gateway:
         except TokenError as exc:
             self.metrics.events.labels(request.type, "rejected").inc()
             raise EventRejected(str(exc)) from None
-        if claims.ad_id not in self.catalog.ads:
+        if self.catalog.row(claims.ad_id) is None:
             self.metrics.events.labels(request.type, "rejected").inc()
             raise EventRejected(f"ad {claims.ad_id} was not served by this gateway")
         event = Event(request.event_id, EventType(request.type), claims, now_ms())

@@ -55,20 +55,29 @@ class AdSlot(_message.Message):
     def __init__(self, position: _Optional[int] = ..., ad_id: _Optional[int] = ..., campaign_id: _Optional[int] = ..., creative_id: _Optional[str] = ..., price_micros: _Optional[int] = ..., pctr: _Optional[float] = ..., pcvr: _Optional[float] = ..., ecpm: _Optional[float] = ..., token: _Optional[str] = ...) -> None: ...
 
 class StageReport(_message.Message):
-    __slots__ = ("name", "count_in", "count_out", "ms", "degraded", "reason")
+    __slots__ = ("name", "count_in", "count_out", "ms", "degraded", "reason", "dropped")
+    class DroppedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     COUNT_IN_FIELD_NUMBER: _ClassVar[int]
     COUNT_OUT_FIELD_NUMBER: _ClassVar[int]
     MS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     name: str
     count_in: int
     count_out: int
     ms: float
     degraded: bool
     reason: str
-    def __init__(self, name: _Optional[str] = ..., count_in: _Optional[int] = ..., count_out: _Optional[int] = ..., ms: _Optional[float] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    dropped: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., count_in: _Optional[int] = ..., count_out: _Optional[int] = ..., ms: _Optional[float] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., dropped: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DebugCandidate(_message.Message):
     __slots__ = ("ad_id", "score")
