@@ -6,7 +6,10 @@ at start-up. Thread settings (OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS) are expo
 torch or faiss is imported, because both read them once at import.
 
 `--workers N` runs N processes (uvicorn re-imports `app_from_env`); for the gateway that needs
-REDIS_URL, since in-process stores and event logs cannot be shared between processes.
+REDIS_URL, since in-process stores and event logs cannot be shared between processes. With
+REDIS_URL set, the gateway (and `all`) defaults to one worker per core, each with one torch /
+OpenMP / faiss thread; the bundle's large read-only arrays (the faiss index, ad vectors) are
+memory-mapped, so the workers share one copy in the page cache.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def serve(
                              "(default CASCADE_DATA)."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
-    workers: int = typer.Option(1, "--workers", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="Worker processes (0 = one per "
+                                "core for the gateway with REDIS_URL set, else 1)."),
 ) -> None:
     """Serve one Cascade service (or `all`: the embedded gateway with every stage)."""
     if role not in ROLES:
@@ -126,13 +130,18 @@ def serve(
     threads = int(os.environ.get("CASCADE_TORCH_THREADS", "1") or 1)
     _thread_env(threads)
     bundle_path = _resolve_bundle(bundle or os.environ.get("CASCADE_BUNDLE"))
+    if workers == 0:
+        shared = role not in ("gateway", "all") or os.environ.get("REDIS_URL")
+        workers = (os.cpu_count() or 1) if shared and role in ("gateway", "all") else 1
     if workers > 1 and role in ("gateway", "all") and not os.environ.get("REDIS_URL"):
         raise CliError("--workers > 1 needs REDIS_URL: in-process stores and event logs are "
                        "per process")
     import uvicorn
 
+    from services.common.admission import ArrivalHttpToolsProtocol
+
     options = dict(host=host, port=port, log_level="warning", access_log=False,
-                   loop="uvloop", http="httptools", timeout_keep_alive=30)
+                   loop="uvloop", http=ArrivalHttpToolsProtocol, timeout_keep_alive=30)
     try:
         import uvloop  # noqa: F401
     except ImportError:

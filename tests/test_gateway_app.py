@@ -238,3 +238,57 @@ async def test_served_traffic_exports_a_trainable_dataset(env, tmp_path: Path) -
     clicked = int(log.ad_id[log.click > 0][0])
     assert clicked == slots[0]["ad_id"]
     assert time.time() * 1000 - int(log.ts.max()) < 600_000
+
+
+class GatedRank(RecordingRank):
+    """The real rank client behind a gate the test opens: a request holds its place in flight
+    for as long as the test wants (no fake scores: the real ranker answers)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        import asyncio
+
+        self.gate = asyncio.Event()
+
+    async def call(self, request: wire.RankRequest, deadline: Any) -> Any:
+        await self.gate.wait()
+        return await super().call(request, deadline)
+
+
+@pytest.mark.anyio
+async def test_overload_is_shed_with_503_and_nothing_is_served(env) -> None:
+    """At the in-flight bound the next request is a 503 with Retry-After, at once, before any
+    work (nothing logged as served); once the queue drains requests are answered again."""
+    import asyncio
+
+    from services.common.admission import Admission, AdmissionConfig
+    from services.gateway.served_log import _all
+
+    gateway, client = env
+    gated = GatedRank(gateway.stages.rank.inner)
+    gateway.cascade.rank = gated
+    gate = gateway.admission["/v1/ads"]
+    one = Admission(AdmissionConfig(initial_limit=1, min_limit=1, max_limit=1,
+                                    max_wait_ms=10_000))
+    gate.__dict__.update(one.__dict__)  # the app's middleware holds this very object
+    first = asyncio.create_task(post_ads(client, request_id="held"))
+    while gate.in_flight == 0:
+        await asyncio.sleep(0.005)
+    await gateway.flush()
+    served_before = len(await _all(gateway.served))
+    started = time.perf_counter()
+    shed = await client.post("/v1/ads", json=ads_body(request_id="shed"),
+                             headers={"X-API-Key": API})
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+    assert "overloaded" in shed.json()["detail"]
+    assert time.perf_counter() - started < 0.5  # answered without waiting for the held one
+    gated.gate.set()
+    held = await first
+    assert held["slots"] and not held["degraded"]
+    await gateway.flush()
+    served = await _all(gateway.served)
+    assert len(served) - served_before == len(held["slots"])  # the shed request left no trace
+    assert all("shed" not in str(r) for r in served)
+    again = await post_ads(client, request_id="after")
+    assert again["slots"]
+    assert gate.shed == 1 and gate.in_flight == 0

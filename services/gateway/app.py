@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request, Response
 from pydantic import ValidationError
 
 from services.common import wire
+from services.common.admission import AdmissionMiddleware, arrived
 from services.common.config import Settings
 from services.common.stage_app import HttpError, error_response, json_response, read_body
 from services.common.telemetry import METRICS_CONTENT_TYPE
@@ -101,6 +102,8 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
 
     app = FastAPI(title="cascade gateway", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(AdmissionMiddleware, gates=gateway.admission,
+                       on_shed=lambda path: gateway.metrics.responses.labels(path, "503").inc())
 
     async def ads(request: Request) -> Response:
         require_key(request, settings, admin=False)
@@ -113,7 +116,7 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
         if parsed.slots > rules.max_slots:
             raise HttpError(422, f"slots: {parsed.slots} is more than the {rules.max_slots} "
                                  f"allowed for scene '{parsed.scene}'", "slots")
-        result = await gateway.serve_ads(parsed)
+        result = await gateway.serve_ads(parsed, arrived(request.scope))
         accept = request.headers.get("accept") or ""
         media = wire.media_type(accept if "protobuf" in accept
                                 else request.headers.get("content-type"))

@@ -104,6 +104,11 @@ class GatewayConfig:
     qscore_refresh_s: float = 5.0
     dedupe_window_s: float = 86_400.0
     max_body_bytes: int = 1024 * 1024
+    # overload shedding per worker (services.common.admission): answers slower than
+    # latency_target_ms shrink the in-flight bound; a request queued longer than
+    # max_queue_ms before its handler starts is answered 503 at once
+    latency_target_ms: float = 20.0
+    max_queue_ms: float = 15.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GatewayConfig:

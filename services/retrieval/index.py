@@ -284,8 +284,12 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
 
 
 def load_index(path: str | Path, spec: IndexSpec | None = None) -> faiss.Index:
-    """Read a faiss file; the manifest's nprobe (when given) wins over what the file holds."""
-    index = faiss.read_index(str(path))
+    """Read a faiss file; the manifest's nprobe (when given) wins over what the file holds.
+
+    Memory-mapped (IO_FLAG_MMAP): the bundle is immutable, so the worker processes of one
+    host share the index's pages in the page cache instead of holding a copy each (a 1M-ad
+    index is ~130 MB)."""
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
     if spec is not None and spec.kind == "ivf":
         faiss.extract_index_ivf(index).nprobe = spec.nprobe
     return index
