@@ -1,0 +1,68 @@
+"""Open-loop arrival schedules: when each ad request is due, fixed before the run starts.
+
+The schedule does not depend on how fast the server answers: the Locust users take the next due
+time from it, and a request's latency counts from that due time, so a slow answer can neither
+thin out the offered load nor hide its own queueing (coordinated omission).
+
+- `poisson`: exponential gaps at the offered rate (what many independent frontends produce);
+  the gaps' coefficient of variation is 1.
+- `uniform`: evenly spaced at the offered rate, from a random phase; coefficient of variation 0.
+- `burst`: N requests due at the same instant, once per period N / rate: burst tolerance,
+  measured on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+ARRIVALS = ("poisson", "uniform")
+
+
+def arrival_schedule(rate: float, seconds: float, arrivals: str = "poisson", seed: int = 0,
+                     burst: int = 0) -> list[float]:
+    """Due times in seconds from the start of the run, ascending, all within [0, seconds)."""
+    if rate <= 0 or seconds <= 0:
+        raise ValueError("rate and seconds must be > 0")
+    rng = np.random.default_rng(seed)
+    if burst > 0:
+        period = burst / rate
+        phase = rng.uniform(0.0, period)
+        starts = np.arange(phase, seconds, period)
+        return np.repeat(starts, burst).tolist()
+    if arrivals == "uniform":
+        gap = 1.0 / rate
+        return np.arange(rng.uniform(0.0, gap), seconds, gap).tolist()
+    if arrivals == "poisson":
+        # Draw a few more gaps than the mean needs, then cut at `seconds`.
+        expected = rate * seconds
+        gaps = rng.exponential(1.0 / rate, size=int(expected + 10 * math.sqrt(expected) + 10))
+        times = np.cumsum(gaps)
+        while times[-1] < seconds:  # astronomically rare; keep drawing rather than truncate
+            more = np.cumsum(rng.exponential(1.0 / rate, size=len(gaps))) + times[-1]
+            times = np.concatenate([times, more])
+        return times[times < seconds].tolist()
+    raise ValueError(f"unknown arrivals {arrivals!r} (choose from {', '.join(ARRIVALS)})")
+
+
+def coefficient_of_variation(times: Sequence[float]) -> float:
+    """std / mean of the gaps between consecutive times (sorted first); NaN under 3 times."""
+    if len(times) < 3:
+        return math.nan
+    gaps = np.diff(np.sort(np.asarray(times, dtype=np.float64)))
+    mean = float(gaps.mean())
+    return float(gaps.std() / mean) if mean > 0 else math.nan
+
+
+def pool_size(rate: float, latency_bound_s: float, burst: int = 0, cap: int = 1000) -> int:
+    """Locust users enough that one is free whenever a request falls due.
+
+    A user is busy for one answer (plus its feedback posts), so rate x a generous latency bound
+    covers the steady state; a burst needs its N users at once, twice over so the next burst
+    finds them free even if the last one was slow. Capped: past the cap requests go late, and
+    their latency still counts from the due time.
+    """
+    steady = math.ceil(rate * latency_bound_s) + 4
+    return max(1, min(cap, max(steady, 2 * burst)))
