@@ -60,8 +60,11 @@ class SharedSchedule:
     def now(self) -> float:
         return time.perf_counter() - self.start
 
+    def server_tree(self) -> set[int]:
+        return descendants(self.server_pids, exclude=[os.getpid()])
+
     def begin(self) -> None:
-        self.cpu_before = (cpu_seconds(descendants(self.server_pids)), time.process_time())
+        self.cpu_before = (cpu_seconds(self.server_tree()), time.process_time())
         self.start = time.perf_counter() + LEAD_S
         self.started.set()
 
@@ -78,7 +81,7 @@ class SharedSchedule:
             return
         self.ended_at = self.now()
         server_before, loadgen_before = self.cpu_before
-        server_after = cpu_seconds(descendants(self.server_pids))
+        server_after = cpu_seconds(self.server_tree())
         self.cpu = {"loadgen_cpu_s": round(time.process_time() - loadgen_before, 4),
                     "server_cpu_s": (round(cpu_spent(server_before, server_after), 4)
                                      if self.server_pids else None),

@@ -64,17 +64,22 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2:].split()
 
 
-def descendants(pids: Iterable[int]) -> set[int]:
-    """`pids` and every live process below them."""
+def descendants(pids: Iterable[int], exclude: Iterable[int] = ()) -> set[int]:
+    """`pids` and every live process below them, but not `exclude` or anything below it.
+
+    The load generator passes itself: a server that started it (a test) must not count it.
+    """
     parent_of = {}
     for pid in _pids():
         fields = _stat_fields(pid)
         if fields:
             parent_of[pid] = int(fields[1])
-    tree = {p for p in pids if p in parent_of}
+    skip = set(exclude)
+    tree = {p for p in pids if p in parent_of and p not in skip}
     grew = True
     while grew:
-        children = {p for p, parent in parent_of.items() if parent in tree and p not in tree}
+        children = {p for p, parent in parent_of.items()
+                    if parent in tree and p not in tree and p not in skip}
         tree |= children
         grew = bool(children)
     return tree
