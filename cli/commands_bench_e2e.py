@@ -50,6 +50,8 @@ def bench_e2e(
     seed: int = typer.Option(0, help="Seed of the arrival schedule and the traffic."),
     step: bool = typer.Option(False, help="Raise the rate until p99 crosses --budget-ms; plot."),
     budget_ms: float = typer.Option(40.0, help="p99 budget for --step."),
+    step_factor: float = typer.Option(1.25, help="Rate multiplier between --step steps."),
+    max_steps: int = typer.Option(10, help="Most steps of a --step run."),
     data: str | None = typer.Option(None, help="Marketplace dir with users.parquet (default: "
                                     "CASCADE_DATA, else ./data)."),
     feedback: float = typer.Option(1.0, help="Share of answers that post events in an extra "
@@ -71,6 +73,8 @@ def bench_e2e(
     if rps <= 0 or seconds <= 0 or latency_bound_s <= 0 or timeout_s <= 0 or max_users < 1:
         raise CliError("bench e2e: --rps, --seconds, --latency-bound-s, --timeout-s and "
                        "--max-users must be > 0")
+    if step_factor <= 1 or max_steps < 1:
+        raise CliError("bench e2e: --step-factor must be > 1 and --max-steps >= 1")
     if not 0 <= feedback <= 1 or burst < 0 or ceiling_workers < 0:
         raise CliError("bench e2e: --feedback must be within 0..1, --burst and "
                        "--ceiling-workers >= 0")
@@ -93,7 +97,8 @@ def bench_e2e(
         out=out, api_key=api_key, data=data or os.environ.get("CASCADE_DATA") or "data",
         rps=rps, seconds=seconds, arrivals=arrivals, burst=burst, seed=seed, feedback=feedback,
         latency_bound_s=latency_bound_s, max_users=max_users, timeout_s=timeout_s,
-        budget_ms=budget_ms, step=step, ceiling=ceiling, ceiling_workers=ceiling_workers)
+        budget_ms=budget_ms, step=step, step_factor=step_factor, max_steps=max_steps,
+        ceiling=ceiling, ceiling_workers=ceiling_workers)
     try:
         summary = run_load(cfg, say=typer.echo)
     except (RuntimeError, FileNotFoundError, ValueError) as exc:

@@ -211,12 +211,24 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def compare_to_ceiling(summary: dict, ceiling: dict) -> dict:
-    """How far the gateway is from an HTTP endpoint that does no work, served the same way."""
-    return {"cpu_ms_per_request": _ratio(summary.get("cpu_ms_per_request"),
-                                         ceiling.get("cpu_ms_per_request")),
-            "p50_ms": _ratio(summary.get("p50_ms"), ceiling.get("p50_ms")),
-            "p99_ms": _ratio(summary.get("p99_ms"), ceiling.get("p99_ms")),
-            "capacity_rps": _ratio(summary.get("capacity_rps"), ceiling.get("capacity_rps"))}
+    """How far the gateway is from an HTTP endpoint that does no work, served the same way.
+
+    Ratios gateway / ceiling, at the same offered rate (of a step run: the ceiling's step at
+    the gateway's best rate). A ceiling that never broke its budget has a capacity above its
+    last step, so the capacity ratio is then only an upper bound (`capacity_rps_at_most`).
+    """
+    same_rate = [s for s in ceiling.get("steps", [])
+                 if s["offered_rps"] == summary["offered_rps"]]
+    at_rate = same_rate[0] if same_rate else ceiling
+    ratios = {"offered_rps": at_rate["offered_rps"]}
+    ratios.update({key: _ratio(summary.get(key), at_rate.get(key))
+                   for key in ("cpu_ms_per_request", "p50_ms", "p99_ms")})
+    capacity = _ratio(summary.get("capacity_rps"), ceiling.get("capacity_rps"))
+    if ceiling.get("capacity_exceeds_last_step"):
+        ratios["capacity_rps_at_most"] = capacity
+    else:
+        ratios["capacity_rps"] = capacity
+    return ratios
 
 
 def uvicorn_workers(port: int) -> int:

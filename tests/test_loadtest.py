@@ -12,6 +12,7 @@ import pytest
 
 from loadtest.plot import plot_latency_vs_load
 from loadtest.report import label_instance, parse_histograms, stage_quantiles
+from loadtest.run import compare_to_ceiling
 from loadtest.traffic import (
     SceneMix,
     Traffic,
@@ -188,3 +189,19 @@ def test_plot_writes_a_png(tmp_path) -> None:
              for r, p in ((50, 12), (100, 20), (150, math.nan))]
     out = plot_latency_vs_load(steps, 40, tmp_path / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_ceiling_ratios_compare_the_same_offered_rate_and_bound_an_unbroken_ceiling() -> None:
+    gateway = {"offered_rps": 45.0, "cpu_ms_per_request": 10.0, "p50_ms": 20.0, "p99_ms": 70.0,
+               "capacity_rps": 45.0}
+    steps = [{"offered_rps": r, "cpu_ms_per_request": c, "p50_ms": 2.0, "p99_ms": 7.0}
+             for r, c in ((30.0, 0.8), (45.0, 0.5), (67.5, 0.4))]
+    unbroken = {**steps[-1], "steps": steps, "capacity_rps": 67.5,
+                "capacity_exceeds_last_step": True}
+    ratios = compare_to_ceiling(gateway, unbroken)
+    assert ratios["offered_rps"] == 45.0 and ratios["cpu_ms_per_request"] == 20.0  # 10 / 0.5
+    assert ratios["p99_ms"] == 10.0
+    assert ratios["capacity_rps_at_most"] == pytest.approx(45 / 67.5, abs=1e-3)
+    assert "capacity_rps" not in ratios
+    broken = {**unbroken, "capacity_exceeds_last_step": False, "capacity_rps": 90.0}
+    assert compare_to_ceiling(gateway, broken)["capacity_rps"] == 0.5
