@@ -14,11 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # Per-stage latency histograms, in order of preference, each with a `stage` label:
-# - cascade_stage_latency_seconds: the gateway's time per cascade step as the gateway saw it
-#   (features, retrieval, screen, prerank, rank, auction; remote calls include the network);
+# - cascade_gateway_stage_seconds (services/gateway/service.py; formerly
+#   cascade_stage_latency_seconds): the gateway's time per cascade step as the gateway saw it
+#   (features, recall, screen, prerank, rank, auction; remote calls include the network);
 # - cascade_request_seconds: each serving app's own handling time (services/common/telemetry.py,
 #   StageMetrics), scraped from the stage services too when their URLs are known.
-STAGE_HISTOGRAMS = ("cascade_stage_latency_seconds", "cascade_request_seconds")
+STAGE_HISTOGRAMS = ("cascade_gateway_stage_seconds", "cascade_stage_latency_seconds",
+                    "cascade_request_seconds")
 STAGE_LABEL = "stage"
 
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")

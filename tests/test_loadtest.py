@@ -205,3 +205,19 @@ def test_ceiling_ratios_compare_the_same_offered_rate_and_bound_an_unbroken_ceil
     assert "capacity_rps" not in ratios
     broken = {**unbroken, "capacity_exceeds_last_step": False, "capacity_rps": 90.0}
     assert compare_to_ceiling(gateway, broken)["capacity_rps"] == 0.5
+
+
+def test_the_gateway_own_stage_histogram_wins_over_the_stage_services() -> None:
+    """Stack mode: the gateway's cascade_gateway_stage_seconds beside the services' own."""
+    gateway = ('cascade_gateway_stage_seconds_bucket{stage="recall",le="0.01"} 3\n'
+               'cascade_gateway_stage_seconds_bucket{stage="recall",le="+Inf"} 3\n'
+               'cascade_gateway_stage_seconds_count{stage="recall"} 3\n'
+               'cascade_gateway_stage_seconds_bucket{stage="screen",le="0.002"} 3\n'
+               'cascade_gateway_stage_seconds_bucket{stage="screen",le="+Inf"} 3\n'
+               'cascade_gateway_stage_seconds_count{stage="screen"} 3\n')
+    service = ('cascade_request_seconds_bucket{stage="retrieval",le="0.004"} 3\n'
+               'cascade_request_seconds_bucket{stage="retrieval",le="+Inf"} 3\n'
+               'cascade_request_seconds_count{stage="retrieval"} 3\n')
+    stages = stage_quantiles(label_instance(gateway, "gw") + label_instance(service, "r"))
+    assert set(stages) == {"recall", "screen", "retrieval"}
+    assert stages["screen"]["p50_ms"] == 1.0
