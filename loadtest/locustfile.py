@@ -28,6 +28,7 @@ from pathlib import Path
 import gevent
 from gevent.event import Event
 from locust import FastHttpUser, constant, events, task
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # locust -f runs this as a script
 from loadtest.procstat import cpu_seconds, cpu_spent, descendants  # noqa: E402
@@ -91,7 +92,9 @@ class SharedSchedule:
         self.finished += 1
         if self.finished == len(self.records):
             self.end()
-            gevent.spawn(environment.runner.quit)
+            # Locust rewrites its CSV once per interval and not at quit: wait one out so the
+            # CSV holds every request too (the CPU readings are already taken).
+            gevent.spawn_later(CSV_STATS_INTERVAL_SEC + 0.2, environment.runner.quit)
 
 
 SCHEDULE: SharedSchedule | None = None

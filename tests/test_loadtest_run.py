@@ -9,6 +9,7 @@ server's side too.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -154,6 +155,9 @@ def test_run_writes_the_contract_summary_feedback_and_ceiling(tmp_path, gateway,
     assert summary["offered_rps"] == 20 and summary["arrivals"] == "poisson"
     records = read_records(Path(summary["requests_csv"]).read_text())
     assert summary["requests"] == len(records) == summary["sent"] == summary["answered"]
+    locust_rows = {row["Name"]: row for row in csv.DictReader(
+        (tmp_path / "load" / "locust_stats.csv").open())}
+    assert int(locust_rows["/v1/ads"]["Request Count"]) == len(records)  # Locust's CSV too
     assert summary["achieved_rps"] == pytest.approx(len(records) / 3, rel=0.1)
     assert summary["error_rate"] == 0 and summary["shed_rate"] == 0
     assert 0 < summary["p50_ms"] <= summary["p99_ms"] <= summary["p999_ms"] < 500
