@@ -238,7 +238,7 @@ def uvicorn_workers(port: int) -> int:
 
 
 def run_ceiling(cfg: LoadConfig, say: Callable[[str], None]) -> dict:
-    workers = cfg.ceiling_workers or uvicorn_workers(cfg.ports[0])
+    workers = cfg.ceiling_workers or uvicorn_workers(urlsplit(cfg.url).port or 80)
     with CeilingServer(workers=workers) as server:
         ceiling_cfg = replace(cfg, url=server.url, metrics_urls=(), server_ports=(),
                               server_pids=(server.pid,), feedback=0.0, ceiling=False)
