@@ -223,6 +223,8 @@ def compare_to_ceiling(summary: dict, ceiling: dict) -> dict:
     ratios = {"offered_rps": at_rate["offered_rps"]}
     ratios.update({key: _ratio(summary.get(key), at_rate.get(key))
                    for key in ("cpu_ms_per_request", "p50_ms", "p99_ms")})
+    if "capacity_rps" not in summary:  # a single run finds no capacity
+        return ratios
     capacity = _ratio(summary.get("capacity_rps"), ceiling.get("capacity_rps"))
     if ceiling.get("capacity_exceeds_last_step"):
         ratios["capacity_rps_at_most"] = capacity
@@ -255,6 +257,7 @@ def run_load(cfg: LoadConfig, say: Callable[[str], None] = print) -> dict:
                                 "the server serves)")
     started = time.time()
     summary = measure(cfg, cfg.out.parent, say)
+    summary["server_workers"] = uvicorn_workers(urlsplit(cfg.url).port or 80)
     if cfg.ceiling:
         summary["ceiling"] = run_ceiling(cfg, say)
         summary["vs_ceiling"] = compare_to_ceiling(summary, summary["ceiling"])

@@ -205,6 +205,8 @@ def test_ceiling_ratios_compare_the_same_offered_rate_and_bound_an_unbroken_ceil
     assert "capacity_rps" not in ratios
     broken = {**unbroken, "capacity_exceeds_last_step": False, "capacity_rps": 90.0}
     assert compare_to_ceiling(gateway, broken)["capacity_rps"] == 0.5
+    single = {k: v for k, v in gateway.items() if k != "capacity_rps"}
+    assert "capacity_rps" not in compare_to_ceiling(single, steps[1])
 
 
 def test_the_gateway_own_stage_histogram_wins_over_the_stage_services() -> None:
