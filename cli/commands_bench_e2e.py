@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 import typer
 
 from cli.errors import CliError
-from loadtest.run import LoadConfig, run_load
-from loadtest.schedule import ARRIVALS
+
+# loadtest.schedule's names, kept here so `cascade` starts without numpy, matplotlib or fastapi
+# (every command imports this module; loadtest.run is imported when the bench runs).
+ARRIVALS = ("poisson", "uniform")
 
 STACK_STATE = Path("runs/stack/state.json")
 
@@ -81,6 +83,8 @@ def bench_e2e(
     if arrivals not in ARRIVALS:
         raise CliError(f"bench e2e: unknown --arrivals {arrivals!r} (choose from "
                        f"{', '.join(ARRIVALS)})")
+    from loadtest.run import LoadConfig, run_load
+
     state = _stack_state(stack_state)
     api_key = (os.environ.get("CASCADE_API_KEY")
                or state.get("secrets", {}).get("CASCADE_API_KEY") or "")

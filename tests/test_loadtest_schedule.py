@@ -171,3 +171,10 @@ def test_cpu_seconds_grow_with_work_in_any_server_process() -> None:
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_the_cli_offers_exactly_the_schedule_arrivals() -> None:
+    from cli.commands_bench_e2e import ARRIVALS as CLI_ARRIVALS
+    from loadtest.schedule import ARRIVALS
+
+    assert CLI_ARRIVALS == ARRIVALS
