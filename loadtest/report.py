@@ -1,30 +1,27 @@
-"""Turn a load run's raw outputs into the `cascade bench e2e` JSON summary.
+"""Per-stage latency for the `cascade bench e2e` summary, from the services' /metrics.
 
-Inputs: Locust's `<prefix>_stats.csv` (client-side latency and rates), the locustfile's sidecar
-JSON (degraded responses, event counts), and two scrapes of the gateway's `/metrics` (Prometheus
-text), taken when the offered load was reached and after the run. Per-stage latency is the
-difference of the two scrapes' histogram buckets, so earlier traffic and start-up do not count.
+Two scrapes (Prometheus text) are taken: just before the schedule starts and after the run.
+Per-stage latency is the difference of the two scrapes' histogram buckets, so earlier traffic
+and start-up do not count. Client-side figures come from loadtest/records.py.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # Per-stage latency histograms, in order of preference, each with a `stage` label:
-# - cascade_stage_latency_seconds: the gateway's time per cascade step as the gateway saw it
-#   (features, retrieval, screen, prerank, rank, auction; remote calls include the network);
+# - cascade_gateway_stage_seconds (services/gateway/service.py; formerly
+#   cascade_stage_latency_seconds): the gateway's time per cascade step as the gateway saw it
+#   (features, recall, screen, prerank, rank, auction; remote calls include the network);
 # - cascade_request_seconds: each serving app's own handling time (services/common/telemetry.py,
 #   StageMetrics), scraped from the stage services too when their URLs are known.
-STAGE_HISTOGRAMS = ("cascade_stage_latency_seconds", "cascade_request_seconds")
+STAGE_HISTOGRAMS = ("cascade_gateway_stage_seconds", "cascade_stage_latency_seconds",
+                    "cascade_request_seconds")
 STAGE_LABEL = "stage"
-# The locust request name of the ad call; events are named "event:<type>".
-ADS_REQUEST_NAME = "/v1/ads"
 
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
@@ -167,59 +164,6 @@ def label_instance(text: str, instance: str) -> str:
         return f"{match.group('name')}{{{inner}}} {match.group('value')}"
 
     return "\n".join(add(line) for line in text.splitlines()) + "\n"
-
-
-def read_locust_stats(csv_text: str) -> dict[str, dict[str, str]]:
-    """Locust's `_stats.csv` as {request name: row}; the totals row is named "Aggregated"."""
-    return {row["Name"]: row for row in csv.DictReader(io.StringIO(csv_text))}
-
-
-def _num(row: Mapping[str, str], column: str) -> float:
-    value = row.get(column, "")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def summarize(stats_csv: str, *, offered_rps: float, sidecar: Mapping | None = None,
-              metrics_before: str | None = None, metrics_after: str | None = None,
-              request_name: str = ADS_REQUEST_NAME) -> dict:
-    """The contract's JSON summary for one run at one offered rate.
-
-    Latency and rates are for ad requests only (events are feedback, not the served path);
-    `degraded_share` is the share of successful ad responses that named a degraded stage.
-    """
-    rows = read_locust_stats(stats_csv)
-    if request_name not in rows:
-        raise ValueError(f"locust stats have no {request_name!r} row (no ad request was made)")
-    ads = rows[request_name]
-    requests = _num(ads, "Request Count")
-    failures = _num(ads, "Failure Count")
-    side = dict(sidecar or {})
-    answered = side.get("answered", requests - failures)
-    degraded = side.get("degraded", 0)
-    events = {name.split(":", 1)[1]: int(_num(row, "Request Count"))
-              for name, row in rows.items() if name.startswith("event:")}
-    event_failures = sum(int(_num(row, "Failure Count"))
-                         for name, row in rows.items() if name.startswith("event:"))
-    summary = {
-        "offered_rps": round(float(offered_rps), 3),
-        "achieved_rps": round(_num(ads, "Requests/s"), 3),
-        "p50_ms": _num(ads, "50%"),
-        "p95_ms": _num(ads, "95%"),
-        "p99_ms": _num(ads, "99%"),
-        "p999_ms": _num(ads, "99.9%"),
-        "error_rate": round(failures / requests, 6) if requests else math.nan,
-        "degraded_share": round(degraded / answered, 6) if answered else 0.0,
-        "stages": stage_quantiles(metrics_after, metrics_before) if metrics_after else {},
-        "requests": int(requests),
-        "events": events,
-        "event_error_rate": round(event_failures / sum(events.values()), 6) if events else 0.0,
-    }
-    if side.get("degraded_by_stage"):
-        summary["degraded_by_stage"] = dict(side["degraded_by_stage"])
-    return summary
 
 
 def scrape_all(urls: Iterable[str], api_key: str = "", timeout: float = 5.0) -> str:

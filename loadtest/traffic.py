@@ -159,6 +159,9 @@ class Traffic:
     def sidecar(self) -> dict:
         return {"answered": self.counts["answered"], "degraded": self.counts["degraded"],
                 "degraded_by_stage": dict(self.degraded_by_stage),
-                "slots": self.counts["slots"], "clicks": self.counts["click"],
-                "conversions": self.counts["conversion"],
+                "slots": self.counts["slots"],
+                "events": {kind: self.counts[kind]
+                           for kind in ("impression", "click", "conversion") if self.counts[kind]},
+                "event_failures": self.counts["event_failures"],
+                "clicks": self.counts["click"], "conversions": self.counts["conversion"],
                 "truth": "response pctr/pcvr (simulator truth is not recoverable from the data)"}

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from loadtest.plot import plot_latency_vs_load
-from loadtest.report import label_instance, parse_histograms, stage_quantiles, summarize
+from loadtest.report import label_instance, parse_histograms, stage_quantiles
+from loadtest.run import compare_to_ceiling
 from loadtest.traffic import (
     SceneMix,
     Traffic,
@@ -55,17 +56,6 @@ cascade_stage_latency_seconds_bucket{stage="rank",le="0.025"} 10.0
 cascade_stage_latency_seconds_bucket{stage="rank",le="+Inf"} 10.0
 cascade_stage_latency_seconds_count{stage="rank"} 10.0
 """
-
-STATS_CSV = """\
-Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,\
-Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,\
-90%,95%,98%,99%,99.9%,99.99%,100%
-POST,/v1/ads,1000,5,12,13.5,3,90,800,149.8,0.75,12,14,15,16,19,23,28,34,61,90,90
-POST,event:click,30,0,4,4.2,2,9,20,4.5,0.0,4,4,5,5,6,7,8,9,9,9,9
-POST,event:impression,2900,10,4,4.1,2,12,20,435.0,1.5,4,4,5,5,6,7,8,9,12,12,12
-,Aggregated,3930,15,5,6.4,2,90,220,589.3,2.25,5,6,8,10,14,17,22,30,60,90,90
-"""
-
 
 def test_histogram_quantiles_interpolate_like_prometheus() -> None:
     rank = parse_histograms(METRICS)["cascade_stage_latency_seconds"][(("stage", "rank"),)]
@@ -123,28 +113,6 @@ def test_quantile_in_the_inf_bucket_is_the_highest_finite_bound() -> None:
     text = ('h_seconds_bucket{stage="x",le="0.01"} 1\nh_seconds_bucket{stage="x",le="+Inf"} 10\n'
             'h_seconds_count{stage="x"} 10\n')
     assert stage_quantiles(text, families=("h_seconds",))["x"]["p99_ms"] == 10.0
-
-
-def test_summary_from_locust_csv_and_sidecar() -> None:
-    summary = summarize(STATS_CSV, offered_rps=150, metrics_after=METRICS,
-                        sidecar={"answered": 995, "degraded": 199,
-                                 "degraded_by_stage": {"rank": 199}})
-    assert summary["offered_rps"] == 150 and summary["achieved_rps"] == 149.8
-    assert (summary["p50_ms"], summary["p95_ms"], summary["p99_ms"], summary["p999_ms"]) == (
-        12, 23, 34, 61)  # the ad requests' row, not the aggregate with events
-    assert summary["error_rate"] == 0.005
-    assert summary["degraded_share"] == 0.2
-    assert summary["events"] == {"click": 30, "impression": 2900}
-    assert summary["event_error_rate"] == pytest.approx(10 / 2930, abs=1e-6)
-    assert set(summary["stages"]) == {"rank", "retrieval"}
-    assert summary["degraded_by_stage"] == {"rank": 199}
-
-
-def test_summary_without_ad_requests_is_an_error() -> None:
-    header = STATS_CSV.splitlines()[0]
-    with pytest.raises(ValueError, match="no '/v1/ads' row"):
-        summarize(header + "\n,Aggregated,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0\n",
-                  offered_rps=10)
 
 
 @pytest.fixture
@@ -221,3 +189,37 @@ def test_plot_writes_a_png(tmp_path) -> None:
              for r, p in ((50, 12), (100, 20), (150, math.nan))]
     out = plot_latency_vs_load(steps, 40, tmp_path / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_ceiling_ratios_compare_the_same_offered_rate_and_bound_an_unbroken_ceiling() -> None:
+    gateway = {"offered_rps": 45.0, "cpu_ms_per_request": 10.0, "p50_ms": 20.0, "p99_ms": 70.0,
+               "capacity_rps": 45.0}
+    steps = [{"offered_rps": r, "cpu_ms_per_request": c, "p50_ms": 2.0, "p99_ms": 7.0}
+             for r, c in ((30.0, 0.8), (45.0, 0.5), (67.5, 0.4))]
+    unbroken = {**steps[-1], "steps": steps, "capacity_rps": 67.5,
+                "capacity_exceeds_last_step": True}
+    ratios = compare_to_ceiling(gateway, unbroken)
+    assert ratios["offered_rps"] == 45.0 and ratios["cpu_ms_per_request"] == 20.0  # 10 / 0.5
+    assert ratios["p99_ms"] == 10.0
+    assert ratios["capacity_rps_at_most"] == pytest.approx(45 / 67.5, abs=1e-3)
+    assert "capacity_rps" not in ratios
+    broken = {**unbroken, "capacity_exceeds_last_step": False, "capacity_rps": 90.0}
+    assert compare_to_ceiling(gateway, broken)["capacity_rps"] == 0.5
+    single = {k: v for k, v in gateway.items() if k != "capacity_rps"}
+    assert "capacity_rps" not in compare_to_ceiling(single, steps[1])
+
+
+def test_the_gateway_own_stage_histogram_wins_over_the_stage_services() -> None:
+    """Stack mode: the gateway's cascade_gateway_stage_seconds beside the services' own."""
+    gateway = ('cascade_gateway_stage_seconds_bucket{stage="recall",le="0.01"} 3\n'
+               'cascade_gateway_stage_seconds_bucket{stage="recall",le="+Inf"} 3\n'
+               'cascade_gateway_stage_seconds_count{stage="recall"} 3\n'
+               'cascade_gateway_stage_seconds_bucket{stage="screen",le="0.002"} 3\n'
+               'cascade_gateway_stage_seconds_bucket{stage="screen",le="+Inf"} 3\n'
+               'cascade_gateway_stage_seconds_count{stage="screen"} 3\n')
+    service = ('cascade_request_seconds_bucket{stage="retrieval",le="0.004"} 3\n'
+               'cascade_request_seconds_bucket{stage="retrieval",le="+Inf"} 3\n'
+               'cascade_request_seconds_count{stage="retrieval"} 3\n')
+    stages = stage_quantiles(label_instance(gateway, "gw") + label_instance(service, "r"))
+    assert set(stages) == {"recall", "screen", "retrieval"}
+    assert stages["screen"]["p50_ms"] == 1.0

@@ -1,0 +1,110 @@
+"""Server CPU from /proc: which processes serve a port, and their user + system time.
+
+The load test divides the CPU every server process spent during the run (the processes that
+hold the listening socket, so every uvicorn worker, plus their children) by the answered ad
+requests. Linux only; elsewhere the figure is reported as unknown.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+PROC = Path("/proc")
+LISTEN = "0A"  # TCP state in /proc/net/tcp
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (PROC / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == LISTEN and int(fields[1].rsplit(":", 1)[1],
+                                                                  16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in PROC.iterdir() if p.name.isdigit()]
+
+
+def listening_pids(port: int) -> set[int]:
+    """Processes holding a listening TCP socket on `port` (those this user may inspect)."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    found = set()
+    if not wanted:
+        return found
+    for pid in _pids():
+        try:
+            fds = os.listdir(PROC / str(pid) / "fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(PROC / str(pid) / "fd" / fd) in wanted:
+                    found.add(pid)
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    return text[text.rindex(")") + 2:].split()
+
+
+def descendants(pids: Iterable[int], exclude: Iterable[int] = ()) -> set[int]:
+    """`pids` and every live process below them, but not `exclude` or anything below it.
+
+    The load generator passes itself: a server that started it (a test) must not count it.
+    """
+    parent_of = {}
+    for pid in _pids():
+        fields = _stat_fields(pid)
+        if fields:
+            parent_of[pid] = int(fields[1])
+    skip = set(exclude)
+    tree = {p for p in pids if p in parent_of and p not in skip}
+    grew = True
+    while grew:
+        children = {p for p, parent in parent_of.items()
+                    if parent in tree and p not in tree and p not in skip}
+        tree |= children
+        grew = bool(children)
+    return tree
+
+
+def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    """utime + stime per live process, in seconds (clock-tick resolution)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields:
+            out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two `cpu_seconds` readings; a new process counts in full."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def server_pids(ports: Iterable[int], explicit: Iterable[int] = ()) -> set[int]:
+    """The processes serving `ports` (or the given pids), with their children."""
+    roots = set(explicit)
+    if not roots:
+        for port in ports:
+            roots |= listening_pids(port)
+    return descendants(roots)
