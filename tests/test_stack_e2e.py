@@ -73,7 +73,7 @@ def test_stack_serves_ads_and_sustains_a_short_load(tmp_path, tiny_data, bundle)
         written = json.loads((tmp_path / "load" / "summary.json").read_text())
         assert CONTRACT_KEYS <= set(written) and written == json.loads(json.dumps(summary))
         assert summary["error_rate"] == 0 and summary["requests"] > 0
-        assert summary["events"].get("impression", 0) > 0
+        assert summary["with_feedback"]["events"].get("impression", 0) > 0
         assert {"recall", "prerank", "rank"} <= set(summary["stages"]), summary["stages"]
     finally:
         stack.down(say=lambda line: None)
