@@ -62,3 +62,27 @@ class IdIndex:
     def extended(self, new_ids: np.ndarray) -> IdIndex:
         """A new index over `ids` + `new_ids` (rows continue after the current ones)."""
         return IdIndex(np.concatenate([self.ids, np.asarray(new_ids, np.int64)]))
+
+
+def unique_values(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values: `np.unique` without its overhead (numpy 2's `np.unique` takes
+    ~0.5 ms for 2,000 ids, a sort and a neighbour compare ~0.05 ms)."""
+    ordered = np.sort(np.asarray(values))
+    if ordered.size < 2:
+        return ordered
+    keep = np.empty(ordered.size, bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
+def first_occurrences(keys: np.ndarray) -> np.ndarray:
+    """Positions of the first occurrence of each distinct key, in their original order (e.g.
+    the best ad of each campaign in a list sorted best first)."""
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.ones(ordered.size, bool)
+    if ordered.size > 1:
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return np.sort(order[first])

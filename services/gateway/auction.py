@@ -40,6 +40,7 @@ import numpy as np
 
 from models.pricing import click_value
 from models.pricing import ecpm as ecpm_of
+from services.common.id_index import first_occurrences
 
 # Floating noise in ecpm/pctr round trips (e.g. 100.00000000001) must not cost a whole micro.
 _ROUND_EPS = 1e-6
@@ -174,8 +175,7 @@ def auction(bids: Bids, slots: int, reserve: Reserve = NO_RESERVE) -> list[Winne
     if not live.size or not slots:
         return []
     live = live[np.lexsort((bids.ad_ids[live], -value[live]))]  # best first; ties: lower id
-    _, first = np.unique(bids.campaign_ids[live], return_index=True)
-    ranked = live[np.sort(first)][:slots + 1]  # one ad per campaign, plus the price setter
+    ranked = live[first_occurrences(bids.campaign_ids[live])][:slots + 1]  # one ad per campaign, plus the price setter
     winners: list[Winner] = []
     for slot, i in enumerate(ranked[:slots].tolist()):
         next_ecpm = float(value[ranked[slot + 1]]) if slot + 1 < ranked.size else 0.0

@@ -30,7 +30,7 @@ import numpy as np
 
 from models.nn.qscore import Qscore
 from models.pricing import PRIOR_CVR, click_value, ecpm
-from services.common.id_index import IdIndex
+from services.common.id_index import IdIndex, unique_values
 from services.common.store import OnlineStore
 from services.gateway.catalog import Catalog, CatalogView
 from services.gateway.pacing import CHANGE_SKEW_S, Pacer
@@ -171,9 +171,9 @@ def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catal
     found = view.ad_index.rows(candidates)
     dropped = dict.fromkeys(DROP_REASONS, 0)
     if (found < 0).any():
-        dropped["unknown"] = int(np.unique(candidates[found < 0]).size)
+        dropped["unknown"] = int(unique_values(candidates[found < 0]).size)
         found = found[found >= 0]
-    rows = np.unique(found)  # also drops duplicates
+    rows = unique_values(found)  # also drops duplicates
     campaign_rows = a.campaign_row[rows]
     checks = [("ad_paused", a.active[rows]),
               ("scene", (a.scene_bits[rows] & catalog.scene_bit(scene)) != 0),
