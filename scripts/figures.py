@@ -199,6 +199,26 @@ def load(args: argparse.Namespace) -> None:
     lines = ["### End-to-end load", "", f"`{args.command}` on {machine()}, Locust on the same "
              "machine:", "", "| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys),
              "| " + " | ".join(_fmt(result.get(k)) for k in keys) + " |"]
+    extra = ("arrival_cv", "max_in_flight", "cpu_ms_per_request", "loadgen_cpu_ms_per_request",
+             "shed_rate", "send_lag_p99_ms")
+    lines += ["", "| " + " | ".join(extra) + " |", "|" + "---:|" * len(extra),
+              "| " + " | ".join(_fmt(result.get(k)) for k in extra) + " |"]
+    for label, other in (("HTTP ceiling (trivial FastAPI app, same server setup, same load)",
+                          result.get("ceiling")),
+                         ("with feedback events", result.get("with_feedback"))):
+        if other:
+            lines += ["", f"{label}:", "", "| " + " | ".join(keys + ("cpu_ms_per_request",))
+                      + " |", "|" + "---:|" * (len(keys) + 1),
+                      "| " + " | ".join(_fmt(other.get(k)) for k in keys + ("cpu_ms_per_request",))
+                      + " |"]
+    if result.get("steps"):
+        lines += ["", "Step run (offered load against latency):", "",
+                  "| offered_rps | achieved_rps | p50_ms | p99_ms | degraded_share | shed_rate "
+                  "| cpu_ms_per_request |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for step in result["steps"]:
+            lines.append("| " + " | ".join(_fmt(step.get(k)) for k in (
+                "offered_rps", "achieved_rps", "p50_ms", "p99_ms", "degraded_share", "shed_rate",
+                "cpu_ms_per_request")) + " |")
     if result.get("stages"):
         lines += ["", "| stage | p50 ms | p99 ms |", "|---|---:|---:|"]
         for name, s in result["stages"].items():
