@@ -4,8 +4,8 @@ Pre-ranking keeps the DQM ad-vector matrix here and ranking the encoded catalog 
 must find the rows of ~2,000 candidate ids in a few µs, and both must take new ads (catalog
 updates) without a rebuild and without blocking readers.
 
-- Lookup is vectorised: a dense id -> row table when ids are compact (the usual case), a sorted
-  search otherwise; ads appended after load sit in a small dict consulted only for misses.
+- Lookup is the shared `IdIndex` (dense when ids are compact, sorted otherwise); ads appended
+  after load sit in a small dict consulted only for misses.
 - Appends write the new row first and publish its id afterwards, so a reader never sees an id
   whose row is not written. Capacity grows by doubling into new arrays (copy-on-write); a reader
   holds the arrays it started with (`snapshot()`), and rows beyond them count as unknown.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DENSE_SLACK = 4  # a dense lookup table while max id < 4·N + 1M entries
+from services.common.id_index import IdIndex
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,7 @@ class AdTable:
         self._used = n
         self._fresh: dict[int, int] = {}
         self._lock = threading.Lock()
-        top = int(ad_ids.max()) + 1 if n else 0
-        self._dense: np.ndarray | None = None
-        if top <= DENSE_SLACK * n + (1 << 20):
-            self._dense = np.full(top, -1, dtype=np.int64)
-            self._dense[ad_ids] = np.arange(n)
-        else:
-            self._order = np.argsort(ad_ids, kind="stable")
-            self._sorted = ad_ids[self._order]
+        self._index = IdIndex(ad_ids)
 
     def __len__(self) -> int:
         return self._used
@@ -74,14 +67,7 @@ class AdTable:
              ) -> tuple[np.ndarray, np.ndarray]:
         """(rows, known) for the ids; unknown ids get row 0 and known=False."""
         ids = np.asarray(ad_ids, dtype=np.int64)
-        if self._dense is not None and self._dense.size == 0:
-            rows = np.full(ids.size, -1, dtype=np.int64)
-        elif self._dense is not None:
-            inside = (ids >= 0) & (ids < self._dense.size)
-            rows = np.where(inside, self._dense[np.where(inside, ids, 0)], -1)
-        else:
-            pos = np.searchsorted(self._sorted, ids).clip(0, self._sorted.size - 1)
-            rows = np.where(self._sorted[pos] == ids, self._order[pos], -1)
+        rows = self._index.rows(ids)
         fresh = self._fresh
         if fresh:
             missing = np.flatnonzero(rows < 0)

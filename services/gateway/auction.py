@@ -175,7 +175,8 @@ def auction(bids: Bids, slots: int, reserve: Reserve = NO_RESERVE) -> list[Winne
     if not live.size or not slots:
         return []
     live = live[np.lexsort((bids.ad_ids[live], -value[live]))]  # best first; ties: lower id
-    ranked = live[first_occurrences(bids.campaign_ids[live])][:slots + 1]  # one ad per campaign, plus the price setter
+    # one ad per campaign, plus the next one: it sets the last winner's price
+    ranked = live[first_occurrences(bids.campaign_ids[live])][:slots + 1]
     winners: list[Winner] = []
     for slot, i in enumerate(ranked[:slots].tolist()):
         next_ecpm = float(value[ranked[slot + 1]]) if slot + 1 < ranked.size else 0.0
