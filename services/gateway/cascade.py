@@ -245,7 +245,8 @@ class Cascade:
         try:
             if deadline.remaining_ms() <= 0:
                 raise DeadlineExceeded("no budget left")
-            await asyncio.wait_for(call(deadline), timeout=deadline.remaining_s())
+            async with asyncio.timeout(deadline.remaining_s()):  # no extra task per call
+                await call(deadline)
             return True
         except (TimeoutError, DeadlineExceeded) as exc:
             record.degraded, record.reason = True, f"deadline exceeded: {exc}".rstrip(": ")
@@ -267,6 +268,9 @@ class Cascade:
             record.reason = f"failed: {type(exc).__name__}: {exc}"[:300]
         return False
 
+    # Stage requests are built with `model_construct`: their fields come from validated input
+    # and the catalog, so validating them again per call would only cost time.
+
     # -- 1 features --------------------------------------------------------------------------
     async def _features(self, st: RequestState, deadline: Deadline) -> None:
         st.user = await self.store.get_user_context(st.request.user_id)
@@ -287,8 +291,8 @@ class Cascade:
 
     # -- 2 recall ------------------------------------------------------------------------------
     async def _recall(self, st: RequestState, deadline: Deadline) -> None:
-        recalled = await self.retrieval.call(wire.RecallRequest(**st.part, k=self.config.k1),
-                                             deadline)
+        recalled = await self.retrieval.call(
+            wire.RecallRequest.model_construct(**st.part, k=self.config.k1), deadline)
         st.ids, st.scores = recalled.ad_ids, recalled.scores
         st.records["recall"].top = (st.ids, st.scores)
 
@@ -341,8 +345,9 @@ class Cascade:
     async def _prerank(self, st: RequestState, deadline: Deadline) -> None:
         screened, k3 = st.screened, self.config.k3
         if screened.ad_ids.size:
-            pre = await self.prerank.call(wire.PrerankRequest(
-                **st.part, k=k3, ad_ids=screened.ad_ids, values=screened.click_value), deadline)
+            pre = await self.prerank.call(wire.PrerankRequest.model_construct(
+                **st.part, k=k3, ad_ids=screened.ad_ids,
+                values=screened.click_value.astype(np.float32)), deadline)
             st.ids, st.scores = pre.ad_ids[:k3], pre.scores[:k3]
         st.records["prerank"].top = (st.ids, st.scores)
 
@@ -354,7 +359,8 @@ class Cascade:
         if not st.ids.size:
             st.pctr = st.pcvr = np.empty(0)
             return
-        ranked = await self.rank.call(wire.RankRequest(**st.part, ad_ids=st.ids), deadline)
+        ranked = await self.rank.call(
+            wire.RankRequest.model_construct(**st.part, ad_ids=st.ids), deadline)
         st.ids, st.pctr, st.pcvr = ranked.ad_ids, ranked.pctr, ranked.pcvr
         st.model_version = ranked.info.model_version
         st.records["rank"].top = (st.ids, st.pctr)
