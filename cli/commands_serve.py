@@ -5,11 +5,11 @@ the in-process store (no REDIS_URL), `--data` (default CASCADE_DATA) fills it fr
 at start-up. Thread settings (OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS) are exported BEFORE
 torch or faiss is imported, because both read them once at import.
 
-`--workers N` runs N processes (uvicorn re-imports `app_from_env`); for the gateway that needs
-REDIS_URL, since in-process stores and event logs cannot be shared between processes. With
-REDIS_URL set, the gateway (and `all`) defaults to one worker per core, each with one torch /
-OpenMP / faiss thread; the bundle's large read-only arrays (the faiss index, ad vectors) are
-memory-mapped, so the workers share one copy in the page cache.
+`--workers N` loads the bundle (and the gateway's catalog) once, then forks N processes that
+share those pages (services.common.prefork); for the gateway that needs REDIS_URL, since
+in-process stores and event logs cannot be shared between processes. With REDIS_URL set, the
+gateway (and `all`) defaults to one worker per core, each with one torch / OpenMP / faiss
+thread.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from cli.errors import CliError
 from cli.main import app
 
 ROLES = ("gateway", "retrieval", "prerank", "rank", "all")
-ROLE_ENV = "CASCADE_SERVE_ROLE"
 
 
 GIL_SWITCH_S = 0.0005
@@ -106,12 +105,6 @@ def _gateway_app(role: str, settings, bundle: str | None, data: str | None):  # 
     return create_app(gateway)
 
 
-def app_from_env():  # noqa: ANN201
-    """uvicorn factory for --workers > 1 (role and bundle come through the environment)."""
-    role = os.environ.get(ROLE_ENV, "gateway")
-    return build_app(role, os.environ.get("CASCADE_BUNDLE"), os.environ.get("CASCADE_DATA"))
-
-
 @app.command("serve")
 def serve(
     role: str = typer.Argument(..., help="gateway | retrieval | prerank | rank | all"),
@@ -130,30 +123,26 @@ def serve(
     threads = int(os.environ.get("CASCADE_TORCH_THREADS", "1") or 1)
     _thread_env(threads)
     bundle_path = _resolve_bundle(bundle or os.environ.get("CASCADE_BUNDLE"))
-    if workers == 0:
-        shared = role not in ("gateway", "all") or os.environ.get("REDIS_URL")
-        workers = (os.cpu_count() or 1) if shared and role in ("gateway", "all") else 1
+    if workers == 0:  # one per core where the workers can share a store, else one
+        shared = role in ("gateway", "all") and os.environ.get("REDIS_URL")
+        workers = (os.cpu_count() or 1) if shared else 1
     if workers > 1 and role in ("gateway", "all") and not os.environ.get("REDIS_URL"):
         raise CliError("--workers > 1 needs REDIS_URL: in-process stores and event logs are "
                        "per process")
     import uvicorn
 
-    from services.common.admission import ArrivalHttpToolsProtocol
+    from services.common.prefork import serve_forked, uvicorn_options
 
-    options = dict(host=host, port=port, log_level="warning", access_log=False,
-                   loop="uvloop", http=ArrivalHttpToolsProtocol, timeout_keep_alive=30)
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        options["loop"] = "asyncio"
-    if workers > 1:
-        os.environ[ROLE_ENV] = role
-        if bundle_path:
-            os.environ["CASCADE_BUNDLE"] = bundle_path
-        if data:
-            os.environ["CASCADE_DATA"] = data
-        uvicorn.run("cli.commands_serve:app_from_env", factory=True, workers=workers, **options)
-        return
+    options = uvicorn_options(host, port)
     asgi = build_app(role, bundle_path, data or None)
+    if workers > 1:
+        gateway = getattr(asgi.state, "gateway", None)
+        if gateway is not None:
+            import asyncio
+
+            asyncio.run(gateway.preload())
+        serve_forked(asgi, workers, options, say=lambda line: print(f"cascade {role}: {line}",
+                                                                       flush=True))
+        return
     print(f"cascade {role} on http://{host}:{port}", flush=True)
     uvicorn.run(asgi, **options)

@@ -70,24 +70,16 @@ def create_app() -> FastAPI:
     return app
 
 
-def uvicorn_options(host: str, port: int) -> dict:
-    """cli/commands_serve.py's uvicorn options (uvloop falls back to asyncio as there)."""
-    options = dict(host=host, port=port, log_level="warning", access_log=False,
-                   loop="uvloop", http="httptools", timeout_keep_alive=30)
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        options["loop"] = "asyncio"
-    return options
-
-
 def serve(host: str, port: int, workers: int) -> None:
+    """Serve the ceiling app exactly as `cascade serve` serves (options, pre-forked workers)."""
     import uvicorn
+
+    from services.common.prefork import serve_forked, uvicorn_options
 
     sys.setswitchinterval(GIL_SWITCH_S)
     options = uvicorn_options(host, port)
     if workers > 1:
-        uvicorn.run("loadtest.ceiling:create_app", factory=True, workers=workers, **options)
+        serve_forked(create_app(), workers, options, say=lambda line: None)
     else:
         uvicorn.run(create_app(), **options)
 
@@ -136,7 +128,7 @@ class CeilingServer:
     def __exit__(self, *_exc) -> None:  # noqa: ANN002
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)  # uvicorn's supervisor stops its workers
+        self.process.send_signal(signal.SIGTERM)  # the pre-fork parent stops its workers
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -105,6 +105,14 @@ def summarize_records(records: list[RequestRecord], *, offered_rps: float, secon
         "scheduled_cv": round(coefficient_of_variation([r.due_s for r in records]), 4),
         "send_lag_p99_ms": _percentile(lag, 99),
         "send_lag_max_ms": round(float(lag.max()), 3) if len(lag) else math.nan,
+        # overload figures: how late the 200s came, how fast the sheds were answered
+        "ok_p99_ms": _percentile(np.array([r.latency_ms for r in ok]), 99) if ok else math.nan,
+        "ok_max_ms": round(max(r.latency_ms for r in ok), 3) if ok else math.nan,
+        "shed_p99_ms": _percentile(np.array([r.latency_ms for r in records
+                                             if r.status == SHED]), 99) if shed else math.nan,
+        "shed_service_p99_ms": _percentile(np.array([(r.done_s - r.sent_s) * 1000.0
+                                                     for r in records if r.status == SHED]),
+                                           99) if shed else math.nan,
         "requests": len(records),
         "sent": int(len(sent)),
         "answered": len(ok),

@@ -122,12 +122,28 @@ class Gateway:
         return ServedSources(self.store, self.served, self.labels)
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self, background: bool = True) -> None:
-        await self.catalog.load(self.store)
-        await self.pacer.refresh()
+    async def preload(self) -> None:
+        """Read the catalog and the Qscore counters before worker processes are forked
+        (services.common.prefork), through a store client of its own that is closed again:
+        the workers then start from these pages, shared, and only catch up on changes."""
+        store = make_store(self.settings)
+        try:
+            await self._load_snapshot(store)
+        finally:
+            await store.close()
+
+    async def _load_snapshot(self, store: OnlineStore) -> None:
+        await self.catalog.load(store)
         view = self.catalog.view
-        await self.qscores.refresh(self.store, self.catalog,
-                                   view.ad_index.ids[:view.n_ads].tolist())
+        await self.qscores.refresh(store, self.catalog, view.ad_index.ids[:view.n_ads].tolist())
+
+    async def start(self, background: bool = True) -> None:
+        if self.catalog.version < 0:
+            await self._load_snapshot(self.store)
+        else:  # preloaded before the fork: catch up on what changed since
+            await self.catalog.refresh(self.store)
+            await self.qscores.refresh(self.store, self.catalog)
+        await self.pacer.refresh()
         await self.warm_up()
         if background:
             stop, cfg = self._stop, self.config

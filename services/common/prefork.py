@@ -1,0 +1,118 @@
+"""Pre-fork serving: load once, fork one worker per core, share the read-only memory.
+
+Why not uvicorn's `--workers`: it spawns fresh interpreters, and each loads the bundle and
+the catalog again, so N workers hold N copies of a 1M-ad index, the ad-vector and feature
+tables, and the catalog columns. Here the parent builds the app (stage states from the bundle,
+and the gateway's catalog through `preload`) and binds the socket, then forks. The children
+inherit those numpy arrays copy-on-write: pages nobody writes stay shared (the faiss index is
+memory-mapped on top). Each child then runs its own event loop, store connections and
+background tasks (started by the app's lifespan, after the fork), and all accept on the one
+listening socket.
+
+The parent supervises: a worker that dies is replaced, SIGTERM/SIGINT stop them all. No
+threads, event loops or connections exist in the parent before the fork (preloading opens its
+own store client and closes it), which is what makes forking safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+RESPAWN_PAUSE_S = 0.5
+
+
+def uvicorn_options(host: str, port: int) -> dict[str, Any]:
+    """How every Cascade service (and the load test's HTTP ceiling) is served: uvloop and
+    httptools, with each request's arrival stamped for its deadline and admission."""
+    from services.common.admission import ArrivalHttpToolsProtocol
+
+    options: dict[str, Any] = dict(host=host, port=port, log_level="warning", access_log=False,
+                                   loop="uvloop", http=ArrivalHttpToolsProtocol,
+                                   timeout_keep_alive=30)
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        options["loop"] = "asyncio"
+    return options
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket every worker accepts on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _child(app: Any, sock: socket.socket, options: dict[str, Any]) -> None:
+    import uvicorn
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    config = uvicorn.Config(app, **{k: v for k, v in options.items()
+                                    if k not in ("host", "port")})
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve_forked(app: Any, workers: int, options: dict[str, Any],
+                 say: Callable[[str], None] = print) -> None:
+    """Run `app` in `workers` forked processes on (options' host, port) until signalled."""
+    sock = bind(options["host"], int(options["port"]))
+    children: dict[int, int] = {}  # pid -> slot
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                _child(app, sock, options)
+            except BaseException:  # noqa: BLE001 - a worker never returns into the parent's code
+                log.exception("worker %d failed", slot)
+                code = 1
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        children[pid] = slot
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in range(workers):
+        spawn(slot)
+    say(f"{workers} workers (pids {', '.join(map(str, children))}) on "
+        f"http://{options['host']}:{options['port']}")
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, None)
+        if slot is None or stopping:
+            continue
+        log.warning("worker %d (pid %d) exited with status %d; starting another", slot, pid,
+                    status)
+        time.sleep(RESPAWN_PAUSE_S)
+        spawn(slot)
+    sock.close()
