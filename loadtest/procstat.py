@@ -108,3 +108,25 @@ def server_pids(ports: Iterable[int], explicit: Iterable[int] = ()) -> set[int]:
         for port in ports:
             roots |= listening_pids(port)
     return descendants(roots)
+
+
+def memory_mb(pids: Iterable[int]) -> dict[int, dict[str, float]]:
+    """Per process: resident (Rss), proportional (Pss: shared pages split between the sharers)
+    and private (Private_Clean + Private_Dirty) memory in MiB, from /proc/<pid>/smaps_rollup.
+    Workers forked from one loaded parent show a large Rss but a small private share."""
+    out: dict[int, dict[str, float]] = {}
+    for pid in sorted(pids):
+        try:
+            text = (PROC / str(pid) / "smaps_rollup").read_text()
+        except OSError:
+            continue
+        kb = {}
+        for line in text.splitlines()[1:]:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                kb[name] = int(rest.split()[0])
+        out[pid] = {"rss": round(kb.get("Rss", 0) / 1024, 1),
+                    "pss": round(kb.get("Pss", 0) / 1024, 1),
+                    "private": round((kb.get("Private_Clean", 0)
+                                      + kb.get("Private_Dirty", 0)) / 1024, 1)}
+    return out

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from loadtest.ceiling import CeilingServer
 from loadtest.plot import plot_latency_vs_load
-from loadtest.procstat import listening_pids, server_pids
+from loadtest.procstat import listening_pids, memory_mb, server_pids
 from loadtest.records import cpu_figures, read_records, summarize_records
 from loadtest.report import scrape_all, stage_quantiles
 from loadtest.schedule import arrival_schedule, pool_size
@@ -144,6 +144,7 @@ def run_once(cfg: LoadConfig, run_dir: Path, feedback: float = 0.0) -> dict:
     summary["stages"] = stage_quantiles(
         after, metrics_start.read_text() if metrics_start.is_file() else before)
     summary.update(cpu_figures(side, summary["answered"]))
+    summary["server_memory_mb"] = {str(pid): m for pid, m in memory_mb(pids).items()}
     events = dict(side.get("events") or {})
     summary.update(
         max_in_flight=side.get("max_in_flight"), users=side.get("users", cfg.users),
