@@ -158,6 +158,7 @@ class RecordLog(Protocol):
     """An append-only stream of flat records (label and served-feature logs)."""
 
     async def append(self, record: Mapping[str, str | int | float]) -> str: ...
+    async def append_many(self, records: list[Mapping[str, str | int | float]]) -> None: ...
     async def range(self, after: str | None = None, count: int = 1000
                     ) -> list[tuple[str, dict[str, str]]]: ...
     async def length(self) -> int: ...
@@ -303,6 +304,10 @@ class MemoryRecordLog:
         self._records.append((key, {k: str(v) for k, v in record.items()}))
         return _fmt(key)
 
+    async def append_many(self, records: list[Mapping[str, str | int | float]]) -> None:
+        for record in records:
+            await self.append(record)
+
     async def range(self, after: str | None = None, count: int = 1000
                     ) -> list[tuple[str, dict[str, str]]]:
         start = _parse(after) if after else (-1, -1)
@@ -403,6 +408,14 @@ class RedisRecordLog:
         values = {k: str(v) for k, v in record.items()}
         return str(await self.client.xadd(self.key, values, maxlen=self.maxlen,
                                           approximate=True))
+
+    async def append_many(self, records: list[Mapping[str, str | int | float]]) -> None:
+        """Several records in one round trip (one request's slots)."""
+        pipe = self.client.pipeline(transaction=False)
+        for record in records:
+            pipe.xadd(self.key, {k: str(v) for k, v in record.items()}, maxlen=self.maxlen,
+                      approximate=True)
+        await pipe.execute()
 
     async def range(self, after: str | None = None, count: int = 1000
                     ) -> list[tuple[str, dict[str, str]]]:

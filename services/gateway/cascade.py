@@ -380,9 +380,9 @@ class Cascade:
         view = self.catalog.view
         rows = view.ad_index.rows(st.ids)
         known = rows >= 0
-        rows, a = rows[known], view.ads
-        bids = Bids(a.ad_id[rows], a.campaign_id[rows], a.ocpa[rows], a.bid_micros[rows],
-                    a.target_cpa_micros[rows], np.asarray(st.pctr, np.float64)[known],
+        rec = view.ads.records[rows[known]]
+        bids = Bids(rec["ad_id"], rec["campaign_id"], rec["ocpa"], rec["bid_micros"],
+                    rec["target_cpa_micros"], np.asarray(st.pctr, np.float64)[known],
                     np.asarray(st.pcvr, np.float64)[known])
         st.winners = auction(bids, st.request.slots,
                              self.config.scenes[st.request.scene].reserve)

@@ -153,8 +153,8 @@ class Screened:
 def catalog_click_value(view: CatalogView, rows: np.ndarray, pcvr: np.ndarray | float
                         ) -> np.ndarray:
     """`models.pricing.click_value` for catalog rows."""
-    a = view.ads
-    return click_value(a.ocpa[rows], a.bid_micros[rows], a.target_cpa_micros[rows], pcvr)
+    rec = view.ads.records[rows]
+    return click_value(rec["ocpa"], rec["bid_micros"], rec["target_cpa_micros"], pcvr)
 
 
 def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catalog: Catalog,
@@ -166,7 +166,6 @@ def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catal
     columns through those rows. `pacer=None` lets every campaign pace in (offline tools).
     """
     view = catalog.view
-    a, c = view.ads, view.campaigns
     candidates = np.asarray(candidates, np.int64)
     found = view.ad_index.rows(candidates)
     dropped = dict.fromkeys(DROP_REASONS, 0)
@@ -174,11 +173,12 @@ def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catal
         dropped["unknown"] = int(unique_values(candidates[found < 0]).size)
         found = found[found >= 0]
     rows = unique_values(found)  # also drops duplicates
-    campaign_rows = a.campaign_row[rows]
-    checks = [("ad_paused", a.active[rows]),
-              ("scene", (a.scene_bits[rows] & catalog.scene_bit(scene)) != 0),
+    rec = view.ads.records[rows]  # one gather of packed records (one cache miss per ad)
+    campaign_rows = rec["campaign_row"]
+    checks = [("ad_paused", rec["active"]),
+              ("scene", (rec["scene_bits"] & catalog.scene_bit(scene)) != 0),
               ("campaign_paused", (campaign_rows >= 0)
-               & c.active[np.maximum(campaign_rows, 0)])]
+               & view.campaigns.active[np.maximum(campaign_rows, 0)])]
     keep = np.ones(rows.size, bool)
     for reason, ok in checks:
         dropped[reason] = int(np.count_nonzero(keep & ~ok))
@@ -190,18 +190,19 @@ def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catal
     if policy.freq_cap > 0 and caps:
         capped = [cid for cid, n in caps.items() if n >= policy.freq_cap]
         if capped:
-            ok = ~np.isin(a.campaign_id[rows], np.asarray(capped, np.int64))
+            ok = ~np.isin(rec["campaign_id"], np.asarray(capped, np.int64))
             dropped["freq_cap"] = int(np.count_nonzero(keep & ~ok))
             keep &= ok
-    rows = rows[keep]
-    qctr = a.qctr[rows]
-    value = catalog_click_value(view, rows, policy.prior_cvr)
+    rows, rec = rows[keep], rec[keep]
+    qctr = rec["qctr"]
+    value = click_value(rec["ocpa"], rec["bid_micros"], rec["target_cpa_micros"],
+                        policy.prior_cvr)
     estimate = ecpm(qctr, value)
     if rows.size > policy.k:
         top = np.argpartition(-estimate, policy.k - 1)[:policy.k]
     else:
         top = np.arange(rows.size)
-    ids = a.ad_id[rows]
+    ids = rec["ad_id"]
     order = top[np.lexsort((ids[top], -estimate[top]))]  # ties: lower ad id first
     return Screened(ids[order], rows[order], estimate[order], qctr[order], value[order],
                     {k: v for k, v in dropped.items() if v})

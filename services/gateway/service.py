@@ -201,8 +201,7 @@ class Gateway:
 
     async def _log_served(self, result: CascadeResult) -> None:
         try:
-            for record in served_records(result):
-                await self.served.append(record)
+            await self.served.append_many(served_records(result))
         except Exception:  # noqa: BLE001 - losing a log line must not fail serving
             log.exception("served-feature log append failed")
 
