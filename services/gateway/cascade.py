@@ -159,6 +159,7 @@ class RequestState:
     now: float
     hour: int
     records: dict[str, StageRecord]
+    preset_user: UserContext | None = None
     user: UserContext = field(default_factory=lambda: UserContext(profile=None))
     part: dict[str, Any] = field(default_factory=dict)  # the user half of every stage request
     ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
@@ -213,16 +214,18 @@ class Cascade:
                          for i, step in enumerate(STEPS)}
 
     # -- the request path ------------------------------------------------------------------------
-    async def run(self, request: wire.AdsRequest, arrived: float | None = None) -> CascadeResult:
+    async def run(self, request: wire.AdsRequest, arrived: float | None = None,
+                  user: UserContext | None = None) -> CascadeResult:
         """Serve one request. `arrived` (time.monotonic() when its first byte came in) starts
-        the deadline, so time spent queued before the handler ran counts against the budget."""
+        the deadline, so time spent queued before the handler ran counts against the budget.
+        `user` stands in for the store's read (warm-up requests)."""
         budget_ms = request.budget_ms or self.budget_ms
         start = time.monotonic() if arrived is None else arrived
         now = time.time()
         hour = request.context.hour if request.context.hour is not None else \
             datetime.fromtimestamp(now, tz=UTC).hour
         st = RequestState(request, Deadline(start + budget_ms / 1000.0), budget_ms, now, hour,
-                          {s.name: StageRecord(s.name) for s in STEPS})
+                          {s.name: StageRecord(s.name) for s in STEPS}, preset_user=user)
         for step, call, fallback in self._steps:
             record = st.records[step.name]
             record.count_in = int(st.ids.size)
@@ -273,7 +276,7 @@ class Cascade:
 
     # -- 1 features --------------------------------------------------------------------------
     async def _features(self, st: RequestState, deadline: Deadline) -> None:
-        st.user = await self.store.get_user_context(st.request.user_id)
+        st.user = st.preset_user or await self.store.get_user_context(st.request.user_id)
         self._features_done(st)
 
     async def _features_fallback(self, st: RequestState) -> None:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from models.nn.qscore import Qscore
@@ -24,7 +25,7 @@ from services.common import wire
 from services.common.admission import Admission, AdmissionConfig
 from services.common.config import Settings
 from services.common.events import Event, EventType, make_event_log, make_label_log
-from services.common.store import OnlineStore, make_store
+from services.common.store import OnlineStore, UserContext, make_store
 from services.common.telemetry import LATENCY_BUCKETS
 from services.gateway.cascade import Cascade, CascadeResult, GatewayConfig
 from services.gateway.catalog import Catalog
@@ -156,16 +157,24 @@ class Gateway:
             ]
         self.started = True
 
-    async def warm_up(self, rounds: int = 3) -> None:
-        """A few unlogged requests before readiness: the first call of each stage pays for
-        thread pools, torch kernels and caches, which would otherwise degrade the first real
-        requests. No side effects (no tokens are handed out, nothing is logged)."""
-        scene = next(iter(self.config.scenes))
+    async def warm_up(self, rounds: int = 8) -> None:
+        """Unlogged requests before readiness, down every path a real one takes: the first
+        calls of each stage pay for thread pools, torch kernels, caches and the first touch
+        of memory-mapped index pages, which would otherwise stall the first real requests
+        for seconds. Half the rounds carry a behaviour history taken from the catalog (the
+        faiss and attention paths), half none (the cold-start path). No side effects: no
+        tokens are handed out, nothing is logged, no pacing hold is taken."""
+        view = self.catalog.view
+        scenes = list(self.config.scenes)
         for i in range(rounds):
+            rows = np.arange(i, view.n_ads, max(1, view.n_ads // 50))[:50]
+            user = UserContext(profile={}, hist_ad_id=view.ads.ad_id[rows].tolist(),
+                               hist_category_id=view.ads.category_id[rows].tolist()) \
+                if i % 2 == 0 and rows.size else UserContext(profile=None)
             try:
                 await self.cascade.run(wire.AdsRequest(
-                    request_id=f"warm-up-{i}", user_id="__warm_up__", scene=scene, slots=1,
-                    budget_ms=10_000))
+                    request_id=f"warm-up-{i}", user_id="__warm_up__",
+                    scene=scenes[i % len(scenes)], slots=1, budget_ms=10_000), user=user)
             except Exception:  # noqa: BLE001 - warm-up is best effort
                 log.exception("warm-up request failed")
 

@@ -286,10 +286,10 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
 def load_index(path: str | Path, spec: IndexSpec | None = None) -> faiss.Index:
     """Read a faiss file; the manifest's nprobe (when given) wins over what the file holds.
 
-    Memory-mapped (IO_FLAG_MMAP): the bundle is immutable, so the worker processes of one
-    host share the index's pages in the page cache instead of holding a copy each (a 1M-ad
-    index is ~130 MB)."""
-    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+    Read into memory, not memory-mapped: faiss's IO_FLAG_MMAP inverted lists cost ~2 ms more
+    per search (measured: 2.5 ms against 0.6 ms for top-2000 of 1M). Worker processes share
+    the loaded index anyway, forked from the process that read it (services.common.prefork)."""
+    index = faiss.read_index(str(path))
     if spec is not None and spec.kind == "ivf":
         faiss.extract_index_ivf(index).nprobe = spec.nprobe
     return index
