@@ -292,3 +292,77 @@ async def test_overload_is_shed_with_503_and_nothing_is_served(env) -> None:
     again = await post_ads(client, request_id="after")
     assert again["slots"]
     assert gate.shed == 1 and gate.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_admin_writes_take_no_slow_path_and_stay_off_the_event_loop(env) -> None:
+    """A new campaign, a new ad and a budget change: applied to the catalog in a worker thread
+    (never on the event loop), visible to the next request, and the requests after them
+    run the same vectorised pacing and screening: no per-campaign fallback is ever taken."""
+    import threading
+
+    from services.gateway.pacing import Pacer
+
+    gateway, client = env
+    admin = {"X-API-Key": ADMIN}
+    loop_thread = threading.get_ident()
+    applied_on: list[int] = []
+    for name in ("apply_ads", "apply_campaigns"):
+        original = getattr(gateway.catalog, name)
+
+        def spy(items, _original=original):
+            applied_on.append(threading.get_ident())
+            return _original(items)
+
+        setattr(gateway.catalog, name, spy)
+    scalar_calls: list[int] = []
+    original_probability = Pacer.probability
+
+    def probability(self, *args, **kwargs):
+        scalar_calls.append(1)
+        return original_probability(self, *args, **kwargs)
+
+    Pacer.probability = probability  # the per-campaign path: requests must never take it
+    try:
+        view_before = gateway.catalog.view
+        assert (await client.post("/admin/campaigns", json={
+            "campaign_id": 990_001, "daily_budget_micros": 10**12}, headers=admin)
+        ).status_code == 200
+        reply = await client.post("/admin/ads", json={
+            "ad_id": 990_001, "campaign_id": 990_001, "category_id": 3, "bid_micros": 10**9,
+            "scenes": ["home_feed"], "creative_id": "fresh"}, headers=admin)
+        assert reply.status_code == 200, reply.text
+        assert (await client.patch("/admin/campaigns/990001", json={
+            "daily_budget_micros": 2 * 10**12}, headers=admin)).status_code == 200
+        assert applied_on and loop_thread not in applied_on
+        assert 990_001 in gateway.catalog and gateway.catalog.has_campaign(990_001)
+        for i in range(3):
+            body = await post_ads(client, user=str(i + 2), request_id=f"after-admin-{i}")
+            assert not body["degraded"]
+        assert scalar_calls == []
+        # known rows were edited in place; only new rows swapped in a new view
+        assert gateway.catalog.view.ads.records is view_before.ads.records or \
+            gateway.catalog.view.n_ads == view_before.n_ads + 1
+    finally:
+        Pacer.probability = original_probability
+
+
+@pytest.mark.anyio
+async def test_screening_drops_are_reported_per_rule_and_counted_in_metrics(env) -> None:
+    gateway, client = env
+    first = await post_ads(client, user="3", request_id="drops-0", debug=True)
+    recalled = next(d for d in first["debug"] if d["name"] == "recall")["candidates"]
+    view = gateway.catalog.view
+    campaign = int(view.ads.campaign_id[view.ad_index.get(recalled[0]["ad_id"])])
+    reply = await client.post(f"/admin/campaigns/{campaign}/pause", headers={"X-API-Key": ADMIN})
+    assert reply.status_code == 200
+    body = await post_ads(client, user="3", request_id="drops")
+    screen = next(s for s in body["stages"] if s["name"] == "screen")
+    assert screen["dropped"].get("campaign_paused", 0) >= 1  # recall does not know campaigns
+    assert all(v > 0 for v in screen["dropped"].values())
+    assert screen["count_in"] - sum(screen["dropped"].values()) >= screen["count_out"]
+    metrics = (await client.get("/metrics")).text
+    for reason, count in screen["dropped"].items():
+        line = f'cascade_gateway_screen_dropped_total{{reason="{reason}"}}'
+        assert line in metrics
+        assert float(metrics.split(line)[1].split()[0]) >= count

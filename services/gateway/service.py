@@ -74,6 +74,9 @@ class GatewayMetrics:
                                  ("endpoint", "status"), registry=self.registry)
         self.events = Counter("cascade_gateway_events", "Tracking events by outcome",
                               ("type", "outcome"), registry=self.registry)
+        self.dropped = Counter("cascade_gateway_screen_dropped",
+                               "Candidates screening removed, by rule", ("reason",),
+                               registry=self.registry)
 
     def observe(self, response: wire.AdsResponse, seconds: float) -> None:
         self.request.observe(seconds)
@@ -81,6 +84,8 @@ class GatewayMetrics:
             self.stage.labels(stage.name).observe(stage.ms / 1000)
             if stage.degraded:
                 self.degraded.labels(stage.name).inc()
+            for reason, count in stage.dropped.items():
+                self.dropped.labels(reason).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
