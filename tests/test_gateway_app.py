@@ -353,7 +353,8 @@ async def test_screening_drops_are_reported_per_rule_and_counted_in_metrics(env)
     first = await post_ads(client, user="3", request_id="drops-0", debug=True)
     recalled = next(d for d in first["debug"] if d["name"] == "recall")["candidates"]
     view = gateway.catalog.view
-    campaign = int(view.ads.campaign_id[view.ad_index.get(recalled[0]["ad_id"])])
+    known = [view.ad_index.get(c["ad_id"]) for c in recalled]  # (stages outlive this catalog)
+    campaign = int(view.ads.campaign_id[next(r for r in known if r is not None)])
     reply = await client.post(f"/admin/campaigns/{campaign}/pause", headers={"X-API-Key": ADMIN})
     assert reply.status_code == 200
     body = await post_ads(client, user="3", request_id="drops")
