@@ -9,7 +9,9 @@ Read `STEPS` first: it is the whole request path in order, in one place (product
     rank      DIN/ESMM stage: pCTR, pCVR for the K3 candidates
     auction   local: eCPM, per-scene reserve, GSP per click, one ad per campaign (auction.py)
 
-Deadlines: the request's absolute deadline is fixed on arrival. A step may use whatever is left,
+Deadlines: the request's absolute deadline is fixed when its first byte arrives (stamped by the
+server protocol, services/common/admission.py), so time queued before the handler runs counts
+against the budget. A step may use whatever is left,
 minus what the later steps are guaranteed (`reserve_share` x the request budget, summed over the
 later steps); so a hung retrieval cannot starve ranking of its share. A remote step that fails or
 misses its deadline is skipped and the order of the step before stands (DIN -> DQM -> Qscore); the
@@ -57,7 +59,7 @@ class Step:
     name: str
     k: int | None
     reserve_share: float  # share of the request budget kept for this step by earlier steps
-    remote: bool
+    remote: bool  # awaits the store or a stage: runs under its own deadline, can time out
     fallback: str
 
 
@@ -210,7 +212,7 @@ class Cascade:
         self._fallback: dict[str, tuple[int, float, np.ndarray]] = {}
         self._steps = [(step, getattr(self, f"_{step.name}"),
                         getattr(self, f"_{step.name}_fallback", None)) for step in STEPS]
-        self._keep_ms = {step.name: sum(s.reserve_share for s in STEPS[i + 1:])
+        self._later_share = {step.name: sum(s.reserve_share for s in STEPS[i + 1:])
                          for i, step in enumerate(STEPS)}
 
     # -- the request path ------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class Cascade:
             started = time.perf_counter()
             if step.remote:
                 deadline = st.deadline.child(max(
-                    0.0, st.deadline.remaining_ms() - self._keep_ms[step.name] * budget_ms))
+                    0.0, st.deadline.remaining_ms() - self._later_share[step.name] * budget_ms))
                 ok = await self._guarded(record, deadline, lambda d, c=call: c(st, d))
             else:
                 ok = self._local(record, lambda c=call: c(st))
