@@ -50,8 +50,7 @@ def bench_stages(
             if not bundle.exists():
                 raise CliError(f"--bundle: not found: {bundle}")
             path = str(bundle)
-        result = run_stages(path, requests=n, naive_requests=min(n, spec.naive_requests),
-                            say=say)
+        result = run_stages(path, requests=n, say=say)
     result["scale"] = scale if bundle is None else None
     text = json.dumps(result, indent=2)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,14 +39,12 @@ class Scale:
     train: bool  # briefly train on a simulated tiny marketplace (else random init)
     exact_below: int  # exact faiss index below this many ads
     requests: int  # measured requests per stage
-    naive_requests: int  # the per-candidate DQM loop is slow: fewer requests
 
 
 SCALES = {
-    "tiny": Scale(ads=5_000, train=False, exact_below=1_000, requests=100, naive_requests=2),
-    "small": Scale(ads=100_000, train=True, exact_below=50_000, requests=300, naive_requests=3),
-    "large": Scale(ads=1_000_000, train=True, exact_below=50_000, requests=300,
-                   naive_requests=3),
+    "tiny": Scale(ads=5_000, train=False, exact_below=1_000, requests=100),
+    "small": Scale(ads=100_000, train=True, exact_below=50_000, requests=300),
+    "large": Scale(ads=1_000_000, train=True, exact_below=50_000, requests=300),
 }
 
 
