@@ -21,11 +21,14 @@ from pydantic import ValidationError
 
 from services.common import wire
 from services.common.config import Settings
+from services.common.events import EventLogUnavailable
 from services.common.stage_app import HttpError, error_response, json_response, read_body
 from services.common.telemetry import METRICS_CONTENT_TYPE
+from services.gateway.health import GatewayHealth
 from services.gateway.service import EventRejected, Gateway
 
 EVENT_BODY_LIMIT = 16 * 1024
+EVENT_RETRY_AFTER_S = 1
 
 
 def validation_error(exc: ValidationError) -> HttpError:
@@ -127,6 +130,10 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
             result = await gateway.accept_event(parsed)
         except EventRejected as exc:
             raise HttpError(422, f"token: {exc}", "token") from None
+        except EventLogUnavailable as exc:  # not appended: safe to retry with the same id
+            response = json_response(503, {"detail": f"{exc}; retry with the same event_id"})
+            response.headers["Retry-After"] = str(EVENT_RETRY_AFTER_S)
+            return response
         return Response(wire.encode(result), media_type=wire.JSON)
 
     app.add_api_route("/v1/ads", guarded(gateway.metrics, "/v1/ads", ads), methods=["POST"])
@@ -137,11 +144,13 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     async def healthz() -> Response:
         return json_response(200, {"status": "ok", "service": "gateway"})
 
+    health = GatewayHealth(gateway)
+    app.state.health = health
+
     @app.get("/readyz")
     async def readyz() -> Response:
-        parts = await gateway.ready()
-        ok = all(parts.values())
-        return json_response(200 if ok else 503, {"ready": ok, **parts})
+        ok, body = await health.check()
+        return json_response(200 if ok else 503, body)
 
     @app.get("/metrics")
     async def metrics() -> Response:
