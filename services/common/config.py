@@ -35,6 +35,7 @@ class Settings:
     budget_ms: float = 50.0  # CASCADE_BUDGET_MS: default request budget
     torch_threads: int = 1  # CASCADE_TORCH_THREADS
     faiss_threads: int = 1  # CASCADE_FAISS_THREADS
+    export_dir: str = "exports"  # CASCADE_EXPORT_DIR: /admin/export writes only under it
     extra: dict[str, Any] = field(default_factory=dict)  # file-only settings for stages
 
     @classmethod
@@ -64,6 +65,7 @@ class Settings:
             "budget_ms": float(_env("CASCADE_BUDGET_MS", "50") or 50),
             "torch_threads": int(_env("CASCADE_TORCH_THREADS", "1") or 1),
             "faiss_threads": int(_env("CASCADE_FAISS_THREADS", "1") or 1),
+            "export_dir": _env("CASCADE_EXPORT_DIR"),
         }
         merged = {**base, **{k: v for k, v in env.items() if v is not None}}
         merged.update(overrides)

@@ -67,7 +67,9 @@ class AdPatch(wire.WireModel):
 
 
 class ExportBody(wire.WireModel):
-    out: str = Field(min_length=1)
+    """Where to write: a relative path under the export directory (CASCADE_EXPORT_DIR)."""
+
+    out: str = Field(min_length=1, max_length=255)
 
 
 def _check_ad(gateway: Gateway, ad: Ad) -> None:
@@ -193,11 +195,12 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return out
 
     async def export(request: Request) -> dict[str, Any]:
-        from services.gateway.served_log import export_training_set
+        from services.gateway.served_log import export_path, export_training_set
 
         body = await decode_body(request, ExportBody, ADMIN_BODY_LIMIT)
         try:
-            return await export_training_set(gateway.sources(), body.out)
+            out = export_path(gateway.settings.export_dir, body.out)
+            return await export_training_set(gateway.sources(), out)
         except ValueError as exc:
             raise HttpError(422, str(exc), "out") from None
 
