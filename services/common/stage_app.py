@@ -37,6 +37,7 @@ from fastapi import FastAPI, Request, Response
 from pydantic import ValidationError
 
 from services.common import wire
+from services.common.bundle_guard import SchemaMismatch, bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
 from services.common.telemetry import METRICS_CONTENT_TYPE, StageMetrics
 
@@ -161,6 +162,7 @@ class StageRuntime:
         self.load_error: str | None = None
         self._state: StageState | None = None
         self._reload_lock = threading.Lock()
+        self.schema_sha256: str | None = None  # of the served bundle (the reload guard)
 
     @property
     def state(self) -> StageState | None:
@@ -188,6 +190,11 @@ class StageRuntime:
         try:
             start = time.perf_counter()
             try:
+                new_schema = check_same_schema(self.schema_sha256, path)
+            except SchemaMismatch as exc:
+                self.metrics.reloads.labels(self.name, "failed").inc()
+                raise HttpError(422, str(exc), "bundle") from None
+            try:
                 state = self.loader(path)
             except Exception as exc:  # any loader failure keeps the old state
                 log.exception("stage %s: loading bundle %s failed", self.name, path)
@@ -198,6 +205,7 @@ class StageRuntime:
                                 "bundle") from exc
             previous = self._state.version if self._state is not None else ""
             self.install(state)
+            self.schema_sha256 = new_schema
             if bundle:
                 self.bundle = bundle
             self.metrics.reloads.labels(self.name, "ok").inc()
@@ -286,6 +294,7 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
     runtime = StageRuntime(name, loader, bundle=bundle, limits=limits)
     if state is not None:
         runtime.install(state)
+        runtime.schema_sha256 = bundle_schema_sha256(bundle) if bundle else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

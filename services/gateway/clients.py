@@ -25,6 +25,7 @@ import anyio.to_thread
 import httpx
 
 from services.common import wire
+from services.common.bundle_guard import bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
 
 Req = TypeVar("Req", bound=wire.WireModel)
@@ -58,6 +59,8 @@ class LocalStage(Generic[Req, Resp]):
         self.bundle = bundle
         self._limiter = anyio.CapacityLimiter(threads)
         self._reload_lock = threading.Lock()
+        # the schema of the bundle being served, recorded now: `current` may move later
+        self.schema_sha256 = bundle_schema_sha256(bundle) if bundle else None
 
     @property
     def version(self) -> str:
@@ -90,8 +93,10 @@ class LocalStage(Generic[Req, Resp]):
             raise StageError(f"{self.name}: another reload is in progress")
         try:
             previous = self.version
+            # SchemaMismatch (a ValueError) before anything is loaded
+            schema = check_same_schema(self.schema_sha256, path)
             state = await anyio.to_thread.run_sync(self.loader, path)
-            self.state, self.bundle = state, path
+            self.state, self.bundle, self.schema_sha256 = state, path, schema
             return wire.ReloadResponse(version=str(state.version), previous=previous)
         finally:
             self._reload_lock.release()
