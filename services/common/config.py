@@ -29,6 +29,7 @@ class Settings:
     admin_key: str | None = None  # CASCADE_ADMIN_KEY
     auth: bool = True  # CASCADE_AUTH=off disables keys (demo only)
     token_secret: str | None = None  # CASCADE_TOKEN_SECRET
+    internal_key: str | None = None  # CASCADE_INTERNAL_KEY: gateway -> stage services
     retrieval_url: str | None = None  # CASCADE_RETRIEVAL_URL; None -> in-process
     prerank_url: str | None = None  # CASCADE_PRERANK_URL
     rank_url: str | None = None  # CASCADE_RANK_URL
@@ -59,6 +60,7 @@ class Settings:
             "admin_key": _env("CASCADE_ADMIN_KEY"),
             "auth": auth,
             "token_secret": _env("CASCADE_TOKEN_SECRET"),
+            "internal_key": _env("CASCADE_INTERNAL_KEY"),
             "retrieval_url": _env("CASCADE_RETRIEVAL_URL"),
             "prerank_url": _env("CASCADE_PRERANK_URL"),
             "rank_url": _env("CASCADE_RANK_URL"),

