@@ -5,15 +5,22 @@ cut after a read timeout."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from services.common import wire
-from services.common.config import Settings
+from services.common.config import Settings, install_url_redaction, redact_url
 from services.common.stage_app import Endpoint, create_stage_app, stage_key
 from services.gateway.app import check_keys
+from services.stack.redis_process import RedisProcess
+
+CASCADE = str(Path(sys.executable).with_name("cascade"))
 
 GOOD = dict(api_key="frontend-key-0123456", admin_key="admin-key-0123456789",
             token_secret="token-secret-0123456789abcdef")
@@ -76,3 +83,39 @@ def test_stage_calls_and_admin_need_the_internal_key(tmp_path: Path) -> None:
         assert client.post("/admin/reload", json={},
                            headers={"X-API-Key": key}).status_code == 200
         assert client.get("/readyz").status_code == 200  # probes stay open
+
+
+def test_redact_url_hides_passwords_only() -> None:
+    assert redact_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redact_url("x rediss://user:p%40ss@h:1/2 y") == "x rediss://user:***@h:1/2 y"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert "s3cret" not in repr(Settings(redis_url="redis://:s3cret@h:1/0", api_key="k" * 16))
+
+
+def test_log_lines_never_carry_a_redis_password(caplog: pytest.LogCaptureFixture) -> None:
+    install_url_redaction()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("cascade.test").info("connecting to %s", "redis://:s3cret@h:1/0")
+        logging.getLogger("cascade.test").warning("failed: redis://u:s3cret@h:1/0")
+    assert "s3cret" not in caplog.text and caplog.text.count(":***@") == 2
+
+
+@pytest.mark.slow
+def test_load_store_prints_the_redis_url_without_its_password(tiny_data: Path) -> None:
+    password = "load-store-password-0123"
+    proc = RedisProcess(password=password).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+        env.update(REDIS_URL=proc.url, CASCADE_REDIS_PREFIX="redact:")
+        done = subprocess.run([CASCADE, "load-store", "--data", str(tiny_data)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert password not in done.stdout + done.stderr
+        assert ":***@127.0.0.1" in done.stdout
+        proc.kill()  # unreachable now: the error line must not show it either
+        done = subprocess.run([CASCADE, "load-store", "--data", str(tiny_data)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "unreachable" in done.stderr
+        assert password not in done.stdout + done.stderr
+    finally:
+        proc.stop()
