@@ -119,3 +119,40 @@ def test_load_store_prints_the_redis_url_without_its_password(tiny_data: Path) -
         assert password not in done.stdout + done.stderr
     finally:
         proc.stop()
+
+
+def test_a_stalled_request_body_is_cut_with_408() -> None:
+    """A client that sends headers and part of the body, then nothing, gets 408 after the read
+    timeout instead of holding the connection (a real uvicorn server on a loopback port)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from services.common.stage_app import StageLimits
+    from services.stack.launcher import free_port
+
+    app = create_stage_app("prerank", lambda p: Echo(), state=Echo(),
+                           endpoints=(Endpoint("/v1/prerank", wire.PrerankRequest, _echo),),
+                           limits=StageLimits(body_timeout_s=0.5))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/prerank HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{\"scene\": ")
+            started = time.monotonic()
+            reply = sock.recv(4096)
+            took = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert took < 3.0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)

@@ -52,6 +52,7 @@ class StageState(Protocol):
 
 
 Loader = Callable[[str], StageState]
+BODY_READ_TIMEOUT_S = 10.0  # a request body must arrive within this (else 408)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class StageLimits:
     max_k: int = 20_000  # K a caller may ask for
     max_exclusions: int = 100_000
     threads: int = 4  # CPU worker threads (each runs one request: faiss/torch use 1 thread)
+    body_timeout_s: float = BODY_READ_TIMEOUT_S  # a stalled body is cut (408) after this
 
 
 @dataclass(frozen=True)
@@ -134,18 +136,25 @@ def check_limits(request: wire.WireModel, limits: StageLimits) -> None:
                                  f"{len(ad_ids)} candidates", f"ad_features.{name}")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it passes `limit`: a 10 MB body is never buffered."""
+async def read_body(request: Request, limit: int,
+                    timeout_s: float = BODY_READ_TIMEOUT_S) -> bytes:
+    """The body, refusing (413) as soon as it passes `limit`: a 10 MB body is never buffered.
+
+    A body that stalls (a slow-loris client sending a byte now and then) is cut after
+    `timeout_s` in all with 408, so it cannot hold a connection and a worker forever."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, f"body too large: {declared} bytes > {limit}", "body")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"body too large: more than {limit} bytes", "body")
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout_s) as scope:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"body too large: more than {limit} bytes", "body")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise HttpError(408, f"body not received within {timeout_s:g} s", "body")
     return b"".join(chunks)
 
 
@@ -256,7 +265,8 @@ def _route(runtime: StageRuntime, endpoint: Endpoint,
             deadline = Deadline.from_header(request.headers)
             if deadline.expired:
                 raise DeadlineExceeded("deadline exceeded on arrival")
-            body = await read_body(request, runtime.limits.max_body_bytes)
+            body = await read_body(request, runtime.limits.max_body_bytes,
+                                   runtime.limits.body_timeout_s)
             content_type = request.headers.get("content-type")
             try:
                 parsed = wire.decode(endpoint.request, body, content_type)
