@@ -8,7 +8,9 @@ decides what a failure means (skip the stage, keep the previous order). Two impl
   reference and swapped whole on reload, so in-flight calls finish on the old bundle.
 - `HttpStage`: one `httpx.AsyncClient` per stage with pooled keep-alive connections, protobuf
   bodies (candidate lists are packed bytes), the remaining budget in `X-Cascade-Budget-Ms`, and
-  a timeout equal to that remaining budget.
+  a timeout equal to that remaining budget. A circuit breaker (services/gateway/breaker.py)
+  stops calling a stage after a few consecutive failures or timeouts and probes it again, so a
+  hung stage costs each request nothing instead of its whole budget.
 
 A thread cannot be cancelled, so a hung in-process stage keeps its worker thread until its own
 deadline check lets it go; the cascade stops waiting at the deadline either way.
@@ -16,6 +18,7 @@ deadline check lets it go; the cascade stops waiting at the deadline either way.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
@@ -27,6 +30,7 @@ import httpx
 from services.common import wire
 from services.common.bundle_guard import bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
+from services.gateway.breaker import BreakerConfig, BreakerOpen, CircuitBreaker
 
 Req = TypeVar("Req", bound=wire.WireModel)
 Resp = TypeVar("Resp", bound=wire.WireModel)
@@ -34,6 +38,10 @@ Resp = TypeVar("Resp", bound=wire.WireModel)
 
 class StageError(RuntimeError):
     """A stage answered with an error, or could not be reached; the message says which."""
+
+
+class StageSkipped(StageError):
+    """Not called: the stage's circuit breaker is open."""
 
 
 class StageClient(Protocol[Req, Resp]):
@@ -113,13 +121,14 @@ class HttpStage(Generic[Req, Resp]):
 
     def __init__(self, name: str, base_url: str, path: str, response: type[Resp], *,
                  admin_key: str | None = None, encoding: str = wire.PROTOBUF,
-                 max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None
-                 ) -> None:
+                 max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None,
+                 breaker: BreakerConfig | None = None) -> None:
         self.name = name
         self.path = path
         self.response = response
         self.encoding = encoding
         self.admin_key = admin_key
+        self.breaker = CircuitBreaker(name, breaker)
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections, keepalive_expiry=30.0)
         self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), limits=limits,
@@ -133,6 +142,25 @@ class HttpStage(Generic[Req, Resp]):
         remaining = deadline.remaining_s()
         if remaining <= 0:
             raise DeadlineExceeded(f"{self.name}: no budget left to call")
+        try:
+            self.breaker.before_call()
+        except BreakerOpen as exc:
+            raise StageSkipped(str(exc)) from None
+        try:
+            response = await self._call(request, deadline, remaining)
+        except Exception:  # refused, unreachable, timed out, or an undecodable answer
+            self.breaker.failure()
+            raise
+        except asyncio.CancelledError:  # the cascade stopped waiting: at its deadline, a failure
+            if deadline.expired:
+                self.breaker.failure()
+            else:
+                self.breaker.release()
+            raise
+        self.breaker.success()
+        return response
+
+    async def _call(self, request: Req, deadline: Deadline, remaining: float) -> Resp:
         headers = {"Content-Type": self.encoding, "Accept": self.encoding, **deadline.header(),
                    **self._admin_headers()}
         try:
