@@ -173,6 +173,8 @@ class StageRuntime:
         self._state: StageState | None = None
         self._reload_lock = threading.Lock()
         self.schema_sha256: str | None = None  # of the served bundle (the reload guard)
+        self._staged: tuple[StageState, str | None, str | None] | None = None  # prepared
+        self._previous: tuple[StageState | None, str | None, str | None] | None = None
 
     @property
     def state(self) -> StageState | None:
@@ -189,6 +191,14 @@ class StageRuntime:
 
         Blocking; raises HttpError (the current state is kept) on failure.
         """
+        prepared = self.prepare(bundle)
+        committed = self.commit()
+        committed.load_ms = prepared.load_ms
+        return committed
+
+    def prepare(self, bundle: str | None = None) -> wire.ReloadResponse:
+        """Phase one of a reload: load and verify `bundle` beside the served state, and hold it
+        (staged) without serving it. Blocking; HttpError on failure (nothing staged)."""
         path = bundle or self.bundle
         if not path:
             raise HttpError(422, "no bundle given and none configured (CASCADE_BUNDLE)", "bundle")
@@ -213,16 +223,44 @@ class StageRuntime:
                 kept = self._state.version if self._state is not None else None
                 raise HttpError(422, f"reload failed, kept {kept}: {self.load_error}",
                                 "bundle") from exc
-            previous = self._state.version if self._state is not None else ""
-            self.install(state)
-            self.schema_sha256 = new_schema
-            if bundle:
-                self.bundle = bundle
-            self.metrics.reloads.labels(self.name, "ok").inc()
-            return wire.ReloadResponse(version=str(state.version), previous=str(previous),
+            self._staged = (state, bundle, new_schema)
+            current = self._state.version if self._state is not None else ""
+            return wire.ReloadResponse(version=str(state.version), previous=str(current),
                                        load_ms=(time.perf_counter() - start) * 1000)
         finally:
             self._reload_lock.release()
+
+    def commit(self) -> wire.ReloadResponse:
+        """Phase two: serve the staged state (one reference swap); the old one is kept for
+        `rollback` until the next commit. 409 when nothing is staged."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise HttpError(409, "nothing prepared to commit")
+        state, bundle, schema = staged
+        previous_state = self._state
+        self._previous = (previous_state, self.bundle, self.schema_sha256)
+        self.install(state)
+        self.schema_sha256 = schema
+        if bundle:
+            self.bundle = bundle
+        self.metrics.reloads.labels(self.name, "ok").inc()
+        previous = previous_state.version if previous_state is not None else ""
+        return wire.ReloadResponse(version=str(state.version), previous=str(previous))
+
+    def abort(self) -> None:
+        """Drop a staged state (another stage failed to prepare)."""
+        self._staged = None
+
+    def rollback(self) -> wire.ReloadResponse:
+        """Serve the state before the last commit again (another stage failed to commit)."""
+        if self._previous is None or self._previous[0] is None:
+            raise HttpError(409, "no previous state to roll back to")
+        state, bundle, schema = self._previous
+        current = self._state.version if self._state is not None else ""
+        self._previous = None
+        self.install(state)
+        self.bundle, self.schema_sha256 = bundle, schema
+        return wire.ReloadResponse(version=str(state.version), previous=str(current))
 
     async def call(self, endpoint: Endpoint, request: wire.WireModel,
                    deadline: Deadline) -> wire.WireModel:
@@ -355,6 +393,34 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
             return Response(wire.encode(result), media_type=wire.JSON)
         except HttpError as exc:
             return error_response(exc)
+
+    async def reload_phase(request: Request) -> Response:
+        """/admin/reload/{prepare,commit,abort,rollback}: the gateway's two-phase reload, so
+        every stage switches to the new bundle, or none does."""
+        try:
+            _check_key(request, internal_key)
+            phase = request.path_params["phase"]
+            if phase == "prepare":
+                body = await read_body(request, 64 * 1024)
+                try:
+                    asked = wire.decode(wire.ReloadRequest, body or b"{}", wire.JSON)
+                except ValidationError as exc:
+                    raise _validation_error(exc) from None
+                result = await anyio.to_thread.run_sync(runtime.prepare, asked.bundle or None)
+            elif phase == "commit":
+                result = runtime.commit()
+            elif phase == "rollback":
+                result = runtime.rollback()
+            elif phase == "abort":
+                runtime.abort()
+                return json_response(200, {"aborted": True})
+            else:
+                raise HttpError(404, f"unknown reload phase '{phase}'")
+            return Response(wire.encode(result), media_type=wire.JSON)
+        except HttpError as exc:
+            return error_response(exc)
+
+    app.add_api_route("/admin/reload/{phase}", reload_phase, methods=["POST"])
 
     for endpoint in endpoints:
         app.add_api_route(endpoint.path, _route(runtime, endpoint, internal_key), methods=["POST"],

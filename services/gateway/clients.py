@@ -52,6 +52,11 @@ class StageClient(Protocol[Req, Resp]):
     async def call(self, request: Req, deadline: Deadline) -> Resp: ...
     async def update(self, update: wire.CatalogUpdate) -> wire.CatalogUpdateResponse | None: ...
     async def reload(self, bundle: str | None) -> wire.ReloadResponse: ...
+    # The two-phase reload the gateway drives (admin.py): every stage or none switches.
+    async def prepare(self, bundle: str | None) -> wire.ReloadResponse: ...
+    async def commit(self) -> wire.ReloadResponse: ...
+    async def abort(self) -> None: ...
+    async def rollback(self) -> wire.ReloadResponse: ...
     async def ready(self) -> bool: ...
     async def close(self) -> None: ...
 
@@ -69,6 +74,8 @@ class LocalStage(Generic[Req, Resp]):
         self._reload_lock = threading.Lock()
         # the schema of the bundle being served, recorded now: `current` may move later
         self.schema_sha256 = bundle_schema_sha256(bundle) if bundle else None
+        self._staged: tuple[Any, str, str | None] | None = None  # prepared, not yet served
+        self._previous: tuple[Any, str | None, str | None] | None = None  # before the commit
 
     @property
     def version(self) -> str:
@@ -92,6 +99,11 @@ class LocalStage(Generic[Req, Resp]):
         return await anyio.to_thread.run_sync(method, update)
 
     async def reload(self, bundle: str | None) -> wire.ReloadResponse:
+        await self.prepare(bundle)
+        return await self.commit()
+
+    async def prepare(self, bundle: str | None) -> wire.ReloadResponse:
+        """Load and verify `bundle` beside the served state; serve it only on `commit`."""
         if self.loader is None:
             raise StageError(f"{self.name}: no loader configured, cannot reload")
         path = bundle or self.bundle
@@ -100,14 +112,32 @@ class LocalStage(Generic[Req, Resp]):
         if not self._reload_lock.acquire(blocking=False):
             raise StageError(f"{self.name}: another reload is in progress")
         try:
-            previous = self.version
             # SchemaMismatch (a ValueError) before anything is loaded
             schema = check_same_schema(self.schema_sha256, path)
             state = await anyio.to_thread.run_sync(self.loader, path)
-            self.state, self.bundle, self.schema_sha256 = state, path, schema
-            return wire.ReloadResponse(version=str(state.version), previous=previous)
+            self._staged = (state, path, schema)
+            return wire.ReloadResponse(version=str(state.version), previous=self.version)
         finally:
             self._reload_lock.release()
+
+    async def commit(self) -> wire.ReloadResponse:
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise StageError(f"{self.name}: nothing prepared to commit")
+        previous = self.version
+        self._previous = (self.state, self.bundle, self.schema_sha256)
+        self.state, self.bundle, self.schema_sha256 = staged
+        return wire.ReloadResponse(version=self.version, previous=previous)
+
+    async def abort(self) -> None:
+        self._staged = None
+
+    async def rollback(self) -> wire.ReloadResponse:
+        if self._previous is None:
+            raise StageError(f"{self.name}: no previous state to roll back to")
+        current = self.version
+        (self.state, self.bundle, self.schema_sha256), self._previous = self._previous, None
+        return wire.ReloadResponse(version=self.version, previous=current)
 
     async def ready(self) -> bool:
         return self.state is not None
@@ -188,12 +218,30 @@ class HttpStage(Generic[Req, Resp]):
         return wire.decode(wire.CatalogUpdateResponse, reply.content, wire.JSON)
 
     async def reload(self, bundle: str | None) -> wire.ReloadResponse:
+        return await self._admin("/admin/reload", bundle)
+
+    async def prepare(self, bundle: str | None) -> wire.ReloadResponse:
+        return await self._admin("/admin/reload/prepare", bundle)
+
+    async def commit(self) -> wire.ReloadResponse:
+        return await self._admin("/admin/reload/commit", None)
+
+    async def abort(self) -> None:
+        reply = await self._client.post("/admin/reload/abort", headers=self._admin_headers())
+        if reply.status_code != 200:
+            raise StageError(f"{self.name}: abort HTTP {reply.status_code}: {reply.text[:200]}")
+
+    async def rollback(self) -> wire.ReloadResponse:
+        return await self._admin("/admin/reload/rollback", None)
+
+    async def _admin(self, path: str, bundle: str | None) -> wire.ReloadResponse:
         body = wire.encode(wire.ReloadRequest(bundle=bundle or ""))
-        reply = await self._client.post("/admin/reload", content=body, timeout=300.0,
+        reply = await self._client.post(path, content=body, timeout=300.0,
                                         headers={"Content-Type": wire.JSON,
                                                  **self._admin_headers()})
         if reply.status_code != 200:
-            raise StageError(f"{self.name}: reload HTTP {reply.status_code}: {reply.text[:200]}")
+            raise StageError(f"{self.name}: {path} HTTP {reply.status_code}: "
+                             f"{reply.text[:200]}")
         return wire.decode(wire.ReloadResponse, reply.content, wire.JSON)
 
     async def ready(self) -> bool:
