@@ -90,3 +90,26 @@ async def test_export_writes_only_under_the_export_directory(export_env: Any,
     assert reply.status_code == 422 and reply.json()["field"] == "out", reply.text
     assert not Path("/tmp/cascade-export-escape").exists()
     assert not (tmp_path / "escape").exists() and not (tmp_path / "inside").exists()
+
+
+@pytest.mark.anyio
+async def test_openapi_describes_bodies_answers_and_the_key(export_env: Any) -> None:
+    """Finding 8: /openapi.json (open, like /docs) documents the real request bodies, the error
+    answers and the X-API-Key scheme, instead of body-less operations."""
+    _, client, _ = export_env
+    reply = await client.get("/openapi.json")
+    assert reply.status_code == 200
+    doc = reply.json()
+    assert doc["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "description": "the frontend key on /v1, the admin key on /admin"}
+    ads = doc["paths"]["/v1/ads"]["post"]
+    ref = ads["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert {"request_id", "user_id", "scene", "slots"} <= set(request["properties"])
+    assert {"200", "401", "413", "422", "503"} <= set(ads["responses"])
+    assert "Retry-After" in doc["paths"]["/v1/events"]["post"]["responses"]["503"]["headers"]
+    reload = doc["paths"]["/admin/reload"]["post"]
+    assert "403" in reload["responses"] and reload["security"] == [{"ApiKey": []}]
+    assert "/admin/campaigns/{campaign_id}" in doc["paths"]
+    assert (await client.get("/docs")).status_code == 200

@@ -186,4 +186,7 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     from services.gateway.admin import add_admin_routes
 
     add_admin_routes(app, gateway)
+    from services.gateway.openapi import install_openapi
+
+    install_openapi(app)
     return app
