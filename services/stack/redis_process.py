@@ -38,6 +38,7 @@ class RedisProcess:
         self.password = password
         self.port = port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="cascade-redis-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
