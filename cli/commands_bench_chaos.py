@@ -26,15 +26,23 @@ def bench_chaos(
     rps: float = typer.Option(20.0, help="Offered /v1/ads requests per second (Poisson)."),
     faults: str = typer.Option(",".join(("stage_kill", "stage_stop", "redis_freeze",
                                          "redis_restart_aof", "redis_restart_empty",
-                                         "bundle_swap")),
+                                         "bundle_swap", "gateway_kill")),
                                help="Comma-separated faults to run, in order."),
     stop_s: float = typer.Option(15.0, help="How long the stage stays SIGSTOPped."),
     freeze_s: float = typer.Option(20.0, help="How long Redis stays frozen."),
     budget_ms: float = typer.Option(200.0, help="The gateway's default request budget."),
+    readme: Path | None = typer.Option(None, help="Also rewrite the table between this "
+                                       "README's bench-chaos markers."),
 ) -> None:
     """Inject faults into a local stack (Redis + stages + gateway) under a steady open-loop
     load; report errors, degradation, p99, recovery time and the event ledger per fault."""
-    from services.bench.chaos import FAULTS, ChaosConfig, markdown_table, run_chaos
+    from services.bench.chaos import (
+        FAULTS,
+        ChaosConfig,
+        markdown_table,
+        run_chaos,
+        update_readme,
+    )
 
     data = data or (Path(os.environ["CASCADE_DATA"]) if os.environ.get("CASCADE_DATA")
                     else None)
@@ -61,6 +69,9 @@ def bench_chaos(
     table = markdown_table(result)
     out.with_suffix(".md").write_text(table + "\n")
     typer.echo(table)
+    if readme is not None and not update_readme(readme, result):
+        raise CliError(f"bench chaos: {readme} has no bench-chaos markers; the result is in "
+                       f"{out}")
 
 
 def register(bench_app: typer.Typer) -> None:
