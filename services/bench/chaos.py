@@ -192,7 +192,7 @@ class Load:
         self.stack, self.cfg, self.ledger = stack, cfg, ledger
         self.rng = random.Random(cfg.seed)
         self.headers = {"X-API-Key": stack.keys["CASCADE_API_KEY"]}
-        self.client = httpx.AsyncClient(base_url=stack.url("gateway"), timeout=30.0,
+        self.client = httpx.AsyncClient(base_url=stack.url("gateway"), timeout=10.0,
                                         limits=httpx.Limits(max_connections=200))
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sent = 0
