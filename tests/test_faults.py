@@ -271,3 +271,47 @@ def test_redis_restarted_empty_is_not_ready_until_reloaded_then_events_apply(
         reply = post_event(gp, f"after-restart-{i}", slot["token"])
         assert reply.status_code == 200 and reply.json()["accepted"], reply.text
     assert wait_until(lambda: clicks_applied(gp, ads) == 4), clicks_applied(gp, ads)
+
+
+async def test_redis_killed_mid_stream_and_restarted_from_aof_applies_each_event_once() -> None:
+    """Redis SIGKILLed (five times) while the worker applies a stream of clicks, restarted from its
+    append-only file: every click is applied exactly once (spend, counters, one label each).
+    With a separate slot claim and effects, a kill between the two left the claim without the
+    effects, and the reclaimed entry was then skipped: the event was lost."""
+    proc = RedisProcess(appendonly=True).start()
+    store = RedisStore.from_url(proc.url, prefix="t:")
+    events = RedisEventLog(store.client, "t:")
+    labels = RedisRecordLog(store.client, "t:")
+    worker = EventWorker(events, store, labels,
+                         WorkerConfig(consumer="w", block_ms=50, reclaim_idle_ms=200))
+    n, price = 2_000, 1_000
+    day = utc_day()
+    stop = asyncio.Event()
+    task = None
+    try:
+        await store.put_campaigns([Campaign(CAMPAIGN, 1, 10**12, "active")])
+        pipe = store.client.pipeline(transaction=False)
+        for i in range(n):
+            event = click(f"c{i}", f"r{i}", price)
+            pipe.xadd(events.key, event.to_fields())
+        await pipe.execute()
+        task = asyncio.create_task(worker.run_forever(stop))
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            proc.restart()  # SIGKILL, then start again from the AOF
+        assert await wait_for(lambda: _spend_is(store, day, n * price), 60), (
+            await store.get_spend([CAMPAIGN], day), worker.stats)
+        assert await wait_for(lambda: _labels_are(labels, n), 10)
+        ids = [r["event_id"] for _, r in await labels.range(count=10 * n)]
+        assert len(ids) == len(set(ids)) == n
+        assert await store.get_qscores([11]) == {11: (0, n)}
+    finally:
+        stop.set()
+        if task is not None:
+            await asyncio.wait_for(task, 5.0)
+        await store.close()
+        proc.stop()
+
+
+async def _labels_are(labels: RedisRecordLog, n: int) -> bool:
+    return await labels.length() == n

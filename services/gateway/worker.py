@@ -22,9 +22,10 @@ slot markers live in their own key family (`slot:{type}:{request_id}:{ad_id}`), 
 client-chosen event-id markers (`evt:{event_id}`): no event id, whatever its text, can pre-mark a
 slot and so stop a click from being charged. Marking first means: a second click on one slot (with
 a fresh event id) is never charged, and a reclaimed entry that a crashed worker had already
-applied is not applied again. The price of that choice: a
-crash between the mark and the effects loses that one event's counters (logged) -- a missed count
-rather than a double charge.
+applied is not applied again. On Redis the mark, the effects and the label record are one Lua
+script (services/gateway/apply_redis.py), so a crash of the worker or of Redis leaves all of an
+event or none of it: the reclaimed retry completes it exactly once. In process (no Redis) a
+crash loses the whole state anyway.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from services.common.events import (
     RecordLog,
 )
 from services.common.store import OnlineStore, utc_day
+from services.gateway.apply_redis import RedisApplier
 from services.gateway.pacing import billable_micros
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ class EventWorker:
         self.config = config or WorkerConfig()
         self.stats = WorkerStats()
         self._group_ready = False
+        # On Redis, claim + effects + label run as one script (services/gateway/apply_redis.py)
+        self._atomic = RedisApplier(store, labels) if RedisApplier.usable(store, labels) else None
         self.last_ok = time.monotonic()  # when a batch last completed (worker lag, /readyz)
 
     async def _ensure_group(self) -> None:
@@ -149,6 +153,9 @@ class EventWorker:
             log.warning("dropping malformed event entry %s: %s", delivery.entry_id, delivery.error)
             return
         c = event.claims
+        if self._atomic is not None:
+            await self._handle_atomic(event)
+            return
         first = await self.store.claim_slot(event.type.value, c.request_id, c.ad_id,
                                             self.config.slot_window_s)
         if not first:
@@ -160,6 +167,22 @@ class EventWorker:
             log.exception("event %s (entry %s) marked but not fully applied",
                           event.event_id, delivery.entry_id)
             raise
+        self.stats.applied += 1
+
+    async def _handle_atomic(self, event: Event) -> None:
+        c = event.claims
+        budget: int | None = None
+        if event.type is EventType.CLICK and c.price_micros > 0:
+            campaign = (await self.store.get_campaigns([c.campaign_id])).get(c.campaign_id)
+            budget = campaign.daily_budget_micros if campaign is not None else None
+        assert self._atomic is not None
+        charged = await self._atomic.apply(event, self.config.slot_window_s, budget)
+        if charged is None:
+            self.stats.repeated += 1
+            return
+        if event.type is EventType.CLICK:
+            self.stats.charged_micros += charged
+            self.stats.forgiven_micros += max(0, int(c.price_micros)) - charged
         self.stats.applied += 1
 
     async def apply(self, event: Event) -> None:
