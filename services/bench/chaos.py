@@ -10,8 +10,9 @@ each fault in turn is injected and undone:
 - Redis frozen (SIGSTOP), Redis killed and restarted from its AOF, Redis killed and restarted
   empty then reloaded with load-store;
 - ten bundle hot swaps with corrupt bundles between them (each must be refused, 422);
-- the gateway (and its event worker) SIGKILLed mid-stream and restarted: its pending entries
-  are reclaimed by the new worker once idle (30 s), so nothing it had read is lost.
+- an event worker SIGKILLed mid-stream and restarted: a second gateway process, which takes no
+  requests, shares the event stream through the consumer group; it is killed while it holds
+  pending entries, and they are reclaimed once idle (30 s), so nothing it had read is lost.
 
 Per fault: requests offered from the fault to recovery, errors (5xx other than a shed 503 with
 Retry-After, and connection failures), degraded share, p99 latency during the fault (from each
@@ -57,7 +58,7 @@ FAULT_NAMES = {
     "redis_restart_aof": "Redis killed, restarted from AOF",
     "redis_restart_empty": "Redis killed, restarted empty + load-store",
     "bundle_swap": "bundle hot swap x10 + corrupt bundles",
-    "gateway_kill": "gateway + event worker SIGKILL mid-stream, restart (reclaim)",
+    "gateway_kill": "event worker SIGKILL mid-stream, restart (reclaim)",
 }
 COLUMNS = ("fault", "requests", "errors", "degraded_share", "p99_ms", "recovery_s",
            "events_accepted", "events_applied", "events_lost", "events_double")
@@ -106,7 +107,7 @@ class Stack:
                       "CASCADE_INTERNAL_KEY")}
         self.redis = RedisProcess(appendonly=True, password=secrets.token_urlsafe(16),
                                   workdir=work / "redis")
-        self.ports = {name: free_port() for name in (*STAGES, "gateway")}
+        self.ports = {name: free_port() for name in (*STAGES, "gateway", "worker")}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def url(self, name: str) -> str:
@@ -117,7 +118,7 @@ class Stack:
                if not k.startswith("CASCADE_") and k != "REDIS_URL"}
         env.update(CASCADE_INTERNAL_KEY=self.keys["CASCADE_INTERNAL_KEY"],
                    CASCADE_TORCH_THREADS="1", CASCADE_FAISS_THREADS="1", PYTHONUNBUFFERED="1")
-        if name == "gateway":
+        if name in ("gateway", "worker"):
             env.update(self.keys, REDIS_URL=self.redis.url, CASCADE_REDIS_PREFIX=PREFIX,
                        CASCADE_BUDGET_MS=str(self.cfg.budget_ms),
                        CASCADE_EXPORT_DIR=str(self.work / "exports"),
@@ -125,7 +126,7 @@ class Stack:
         return env
 
     def spawn(self, name: str) -> None:
-        role = name
+        role = "gateway" if name == "worker" else name  # the worker is a gateway's
         argv = [sys.executable, "-m", "cli.main", "serve", role, "--bundle",
                 str(self.cfg.bundle), "--host", "127.0.0.1", "--port", str(self.ports[name])]
         log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
@@ -164,7 +165,9 @@ class Stack:
         for name in STAGES:
             await asyncio.to_thread(self.wait_ready, name)
         self.spawn("gateway")
+        self.spawn("worker")  # a second gateway: no requests, its event worker shares the log
         await asyncio.to_thread(self.wait_ready, "gateway")
+        await asyncio.to_thread(self.wait_ready, "worker")
 
     def signal(self, name: str, sig: int) -> None:
         os.kill(self.procs[name].pid, sig)
@@ -369,10 +372,10 @@ async def inject(fault: str, stack: Stack, cfg: ChaosConfig, work: Path,
             await client.post("/admin/reload", headers=headers, json={"bundle": str(cfg.bundle)})
         notes["reload_statuses"] = statuses
     elif fault == "gateway_kill":
-        stack.signal("gateway", signal.SIGKILL)
-        stack.procs["gateway"].wait(timeout=10)
-        stack.spawn("gateway")
-        await asyncio.to_thread(stack.wait_ready, "gateway")
+        stack.signal("worker", signal.SIGKILL)
+        stack.procs["worker"].wait(timeout=10)
+        stack.spawn("worker")
+        await asyncio.to_thread(stack.wait_ready, "worker")
     else:
         raise ValueError(f"unknown fault '{fault}' (known: {', '.join(FAULTS)})")
 
