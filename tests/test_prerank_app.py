@@ -65,7 +65,7 @@ def test_admin_adds_an_ad_that_then_scores(client, ad_ids):
     new_id = int(ad_ids.max()) + 77
     update = {"ad_id": new_id, "features": {"campaign_id": 3, "category_id": 12,
                                             "bid_type": "cpc", "price_bucket": 4}}
-    assert client.post("/admin/ads", json=update).status_code == 401
+    assert client.post("/admin/ads", json=update, headers={"X-API-Key": ""}).status_code == 401
     added = client.post("/admin/ads", json=update, headers={"X-API-Key": INTERNAL})
     assert added.status_code == 200 and added.json()["added"] is True
     answer = client.post("/v1/prerank", json={"scene": "search", "k": 600,
