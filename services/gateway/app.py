@@ -171,7 +171,9 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     async def healthz() -> Response:
         return json_response(200, {"status": "ok", "service": "gateway"})
 
-    health = GatewayHealth(gateway)
+    # one per gateway: its gauges live in the gateway's registry (an app may be built twice)
+    health = getattr(gateway, "health", None) or GatewayHealth(gateway)
+    gateway.health = health
     app.state.health = health
 
     @app.get("/readyz")
