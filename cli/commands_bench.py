@@ -69,3 +69,12 @@ def _attach_e2e() -> None:
 
 
 _attach_e2e()
+
+
+def _attach_chaos() -> None:
+    from cli.commands_bench_chaos import register
+
+    register(bench_app)
+
+
+_attach_chaos()

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.errors import CliError
 from cli.main import app
-from services.common.config import Settings
+from services.common.config import Settings, redact_url
 
 console = Console(stderr=True)
 
@@ -35,7 +35,8 @@ async def _load(settings: Settings, data: Path) -> str:
         try:
             await store.ping()
         except (redis.exceptions.ConnectionError, OSError) as exc:
-            raise CliError(f"Redis at {settings.redis_url} is unreachable: {exc}") from None
+            raise CliError(f"Redis at {settings.redis_url_safe} is unreachable: "
+                           f"{redact_url(str(exc))}") from None
         with _progress() as bar:
             tasks: dict[str, int] = {}
 
@@ -48,7 +49,7 @@ async def _load(settings: Settings, data: Path) -> str:
     finally:
         await store.close()
     return (f"loaded {counts.ads:,} ads, {counts.campaigns:,} campaigns, {counts.users:,} users, "
-            f"{counts.sequences:,} sequences into {settings.redis_url} "
+            f"{counts.sequences:,} sequences into {settings.redis_url_safe} "
             f"(prefix {settings.redis_prefix!r}) in {counts.seconds:.1f}s")
 
 

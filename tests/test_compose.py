@@ -78,7 +78,10 @@ def test_every_stage_probes_readyz_on_its_own_port() -> None:
         port = command[command.index("--port") + 1]
         probe = " ".join(service["healthcheck"]["test"])
         assert f"127.0.0.1:{port}/readyz" in probe, name
-        assert any(str(p).endswith(f":{port}") for p in service["ports"]), name
+        if name == "gateway":
+            assert any(str(p).endswith(f":{port}") for p in service["ports"]), name
+        else:  # only the gateway is published; the stages are reachable inside the network
+            assert "ports" not in service and str(port) in service["expose"], name
     assert "ping" in " ".join(services["redis"]["healthcheck"]["test"])
 
 
@@ -95,14 +98,26 @@ def test_configuration_comes_from_the_environment() -> None:
     assert gateway["CASCADE_RETRIEVAL_URL"] == "http://retrieval:8001"
     assert gateway["CASCADE_PRERANK_URL"] == "http://prerank:8002"
     assert gateway["CASCADE_RANK_URL"] == "http://rank:8003"
+    gateway_only = ("CASCADE_API_KEY", "CASCADE_ADMIN_KEY", "CASCADE_TOKEN_SECRET", "REDIS_URL")
     for name in STAGES:
         env = services[name]["environment"]
-        assert env["REDIS_URL"] == "redis://redis:6379/0"
         assert env["CASCADE_BUNDLE"] == "/bundles/current"
-        for secret in ("CASCADE_API_KEY", "CASCADE_ADMIN_KEY", "CASCADE_TOKEN_SECRET"):
-            assert env[secret].startswith("${" + secret + ":?"), (name, secret)  # host env
-        mounts = {v["target"]: v for v in services[name]["volumes"]}
+        assert env["CASCADE_INTERNAL_KEY"].startswith("${CASCADE_INTERNAL_KEY:?"), name
+        for secret in gateway_only:  # each service gets only the secrets it needs
+            assert (secret in env) == (name == "gateway"), (name, secret)
+        mounts = {v["target"]: v for v in services[name]["volumes"] if isinstance(v, dict)}
         assert mounts["/bundles"]["read_only"] is True  # one shared bundle tree
+    for secret in ("CASCADE_API_KEY", "CASCADE_ADMIN_KEY", "CASCADE_TOKEN_SECRET"):
+        assert gateway[secret].startswith("${" + secret + ":?"), secret  # host env
+    assert gateway["REDIS_URL"].startswith("redis://:${CASCADE_REDIS_PASSWORD:?")
+
+
+def test_redis_persists_and_requires_a_password() -> None:
+    redis = _load("docker-compose.yml")["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--requirepass") + 1].startswith("${CASCADE_REDIS_PASSWORD:?")
+    assert "ports" not in redis and any(str(v).endswith(":/data") for v in redis["volumes"])
 
 
 def test_locust_runs_only_under_the_load_profile() -> None:

@@ -34,7 +34,9 @@ from services.common.store_load import load_marketplace
 from services.common.store_redis import RedisStore
 
 pytestmark = pytest.mark.slow
-API, ADMIN, SECRET = "e2e-frontend", "e2e-admin", "e2e-secret-0123456789abcdef"
+API, ADMIN = "e2e-frontend-key-0123", "e2e-admin-key-01234567"
+SECRET = "e2e-secret-0123456789abcdef"
+INTERNAL = "e2e-internal-key-0123456"
 CASCADE = str(Path(sys.executable).with_name("cascade"))
 
 
@@ -85,6 +87,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("CASCADE_") and k != "REDIS_URL"}
     env.update(CASCADE_API_KEY=API, CASCADE_ADMIN_KEY=ADMIN, CASCADE_TOKEN_SECRET=SECRET,
+               CASCADE_INTERNAL_KEY=INTERNAL,
                CASCADE_TORCH_THREADS="1", **extra)
     return env
 

@@ -162,3 +162,17 @@ async def test_concurrent_charges_never_pass_the_cap(store: OnlineStore) -> None
     spend = (await store.get_spend([CAMPAIGN], DAY))[CAMPAIGN]
     assert spend == sum(charged)
     assert 10_000 <= spend <= 14_000  # budget + one click, however the increments interleave
+
+
+async def test_client_event_id_cannot_pre_mark_a_slot(store: OnlineStore) -> None:
+    """Finding 2: an impression whose event id is the worker's own slot-marker text must not
+    stop the real click on that slot from being charged."""
+    await store.put_campaigns([Campaign(CAMPAIGN, 1, 1_000_000, "active")])
+    worker = worker_for(store)
+    forged = "slot:click:r1:11"
+    assert await worker.events.append(ev(forged, EventType.IMPRESSION))
+    assert await worker.events.append(ev("real-click", EventType.CLICK, price=3_000))
+    assert await worker.process_batch(100) == 2
+    assert worker.stats.repeated == 0
+    assert await store.get_qscores([11]) == {11: (1, 1)}
+    assert await store.get_spend([CAMPAIGN], DAY) == {CAMPAIGN: 3_000}

@@ -25,7 +25,7 @@ from services.gateway.served_log import export_training_set
 from services.gateway.service import Gateway
 from services.gateway.stage_loaders import build_stages, load_stage
 
-API, ADMIN = "frontend-key", "admin-key"
+API, ADMIN = "frontend-key-0123456", "admin-key-0123456789"
 SETTINGS = Settings(api_key=API, admin_key=ADMIN, token_secret="s" * 32, budget_ms=2000)
 
 

@@ -13,13 +13,13 @@ from services.common import wire
 from services.common.config import Settings
 from services.prerank.app import create_app
 
-ADMIN = "admin-key"
+INTERNAL = "internal-key-0123456789"
 
 
 @pytest.fixture(scope="module")
 def client(tiny_bundle):
-    settings = Settings(bundle=str(tiny_bundle), admin_key=ADMIN)
-    with TestClient(create_app(settings)) as client:
+    settings = Settings(bundle=str(tiny_bundle), internal_key=INTERNAL)
+    with TestClient(create_app(settings), headers={"X-API-Key": INTERNAL}) as client:
         deadline = time.monotonic() + 30
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, client.get("/readyz").text
@@ -65,8 +65,8 @@ def test_admin_adds_an_ad_that_then_scores(client, ad_ids):
     new_id = int(ad_ids.max()) + 77
     update = {"ad_id": new_id, "features": {"campaign_id": 3, "category_id": 12,
                                             "bid_type": "cpc", "price_bucket": 4}}
-    assert client.post("/admin/ads", json=update).status_code == 401
-    added = client.post("/admin/ads", json=update, headers={"X-API-Key": ADMIN})
+    assert client.post("/admin/ads", json=update, headers={"X-API-Key": ""}).status_code == 401
+    added = client.post("/admin/ads", json=update, headers={"X-API-Key": INTERNAL})
     assert added.status_code == 200 and added.json()["added"] is True
     answer = client.post("/v1/prerank", json={"scene": "search", "k": 600,
                                               "ad_ids": [new_id, *ad_ids[:100].tolist()]})

@@ -120,7 +120,7 @@ def ready_client(app) -> TestClient:
 
 def test_recall_endpoint_serves_eligible_candidates(bundles):
     root, truth = bundles
-    client = ready_client(create_app(Settings(), bundle=str(root)))
+    client = ready_client(create_app(Settings(auth=False), bundle=str(root)))
     try:
         request = wire.RecallRequest(scene="home_feed", k=300, user_vector=truth["queries"][0])
         for media in (wire.JSON, wire.PROTOBUF):
@@ -143,7 +143,7 @@ def test_recall_endpoint_serves_eligible_candidates(bundles):
 
 def test_admin_ads_adds_and_pauses_without_rebuild(bundles):
     root, truth = bundles
-    client = ready_client(create_app(Settings(), bundle=str(root)))
+    client = ready_client(create_app(Settings(auth=False), bundle=str(root)))
     try:
         query = truth["queries"][1]
         new = wire.CatalogUpdate(ad_id=99_999_999, vector=query, scenes=["search"])
@@ -174,7 +174,8 @@ def test_real_uvicorn_process_serves_and_reloads(tmp_path):
     root = tmp_path / "bundles"
     _, truth = write_bundle(root, "v1")
     port = free_port()
-    env = {**os.environ, "CASCADE_BUNDLE": str(root), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "CASCADE_BUNDLE": str(root), "OMP_WAIT_POLICY": "PASSIVE",
+           "CASCADE_AUTH": "off"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "services.retrieval.app:create_app", "--factory",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],

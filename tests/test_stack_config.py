@@ -14,7 +14,8 @@ from services.stack.plan import plan_stack, process_environment
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 REDIS = "redis://127.0.0.1:45678/0"
-KEYS = {"CASCADE_API_KEY": "front", "CASCADE_ADMIN_KEY": "admin", "CASCADE_TOKEN_SECRET": "s"}
+KEYS = {"CASCADE_API_KEY": "front", "CASCADE_ADMIN_KEY": "admin", "CASCADE_TOKEN_SECRET": "s",
+        "CASCADE_INTERNAL_KEY": "internal", "CASCADE_REDIS_PASSWORD": "pw"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def test_same_commands_and_ports_as_compose(compose) -> None:
         assert spec.argv[3:5] == tuple(command[1:3]), name  # serve <role> / load-store --data
         if spec.oneshot:
             continue
-        published = {int(str(p).rsplit(":", 1)[1]) for p in compose[name]["ports"]}
+        listed = compose[name].get("ports") or compose[name]["expose"]  # only gateway publishes
+        published = {int(str(p).rsplit(":", 1)[-1]) for p in listed}
         assert {spec.port} == published == {int(command[command.index("--port") + 1])}
         assert spec.argv[spec.argv.index("--host") + 1] == "127.0.0.1"
         assert spec.readiness_path == "/readyz"
@@ -52,7 +54,8 @@ def test_same_environment_keys_with_host_side_values(compose) -> None:
     plan = plan_stack(COMPOSE, redis_url=REDIS, host_env=KEYS).by_name()
     for name, spec in plan.items():
         assert set(spec.env) == set(compose[name]["environment"]), name
-        assert spec.env["REDIS_URL"] == REDIS
+        if "REDIS_URL" in spec.env:  # the compose URL (with its password) -> our Redis
+            assert spec.env["REDIS_URL"] == REDIS
     gateway = plan["gateway"].env
     assert gateway["CASCADE_RETRIEVAL_URL"] == "http://127.0.0.1:8001"
     assert gateway["CASCADE_PRERANK_URL"] == "http://127.0.0.1:8002"
@@ -87,8 +90,9 @@ def test_external_redis_is_not_reloaded() -> None:
 def test_missing_keys_are_generated_once_and_shared() -> None:
     plan = plan_stack(COMPOSE, redis_url=REDIS, host_env={})
     assert set(plan.generated) == set(KEYS)
-    secrets = {p.env["CASCADE_TOKEN_SECRET"] for p in plan.processes if not p.oneshot}
-    assert secrets == {plan.generated["CASCADE_TOKEN_SECRET"]}
+    secrets = {p.env["CASCADE_INTERNAL_KEY"] for p in plan.processes if not p.oneshot}
+    assert secrets == {plan.generated["CASCADE_INTERNAL_KEY"]}  # gateway and stages agree
+    assert all(len(v) >= 16 for v in plan.generated.values())
 
 
 def test_host_settings_cannot_override_the_topology() -> None:
@@ -96,7 +100,7 @@ def test_host_settings_cannot_override_the_topology() -> None:
     env = process_environment(spec, {"PATH": "/bin", "CASCADE_RANK_URL": "http://elsewhere:1",
                                      "REDIS_URL": "redis://other:6379/0"})
     assert env["PATH"] == "/bin" and "CASCADE_RANK_URL" not in env
-    assert env["REDIS_URL"] == REDIS
+    assert "REDIS_URL" not in env  # a stage needs no store, and gets none from the host
 
 
 def test_compose_interpolation_rules() -> None:

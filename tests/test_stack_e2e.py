@@ -18,7 +18,7 @@ from loadtest.run import LoadConfig, run_load
 from services.stack.launcher import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"CASCADE_API_KEY": "e2e-front", "CASCADE_ADMIN_KEY": "e2e-admin",
+KEYS = {"CASCADE_API_KEY": "e2e-front-key-0123456", "CASCADE_ADMIN_KEY": "e2e-admin-key-0123456",
         "CASCADE_TOKEN_SECRET": "e2e-token-secret-of-32-bytes!!!"}
 CONTRACT_KEYS = {"offered_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "p999_ms",
                  "error_rate", "degraded_share", "stages"}

@@ -58,14 +58,44 @@ def test_token_signed_with_another_secret_is_forged() -> None:
         TokenSigner(SECRET).verify(make_token(other), NOW)
 
 
-def test_altered_price_is_forged() -> None:
+def _v1_token(signer: TokenSigner, body: list) -> str:
+    """A version-1 token (readable payload) as gateways before version 2 signed them."""
+    payload = base64.urlsafe_b64encode(orjson.dumps(body)).rstrip(b"=")
+    mac = signer._mac(signer._keys[0], payload)  # noqa: SLF001 - the old format, by hand
+    return payload.decode() + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def test_altered_ciphertext_is_forged() -> None:
     signer = TokenSigner(SECRET)
-    payload, signature = make_token(signer).split(".")
-    body = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    body[6] = 1  # pay one micro instead
-    tampered = base64.urlsafe_b64encode(orjson.dumps(body)).rstrip(b"=").decode()
+    blob, tag = make_token(signer).split(".")
+    raw = bytearray(base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4)))
+    raw[-3] ^= 0x01  # flip one bit of the encrypted price or expiry
+    tampered = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
     with pytest.raises(ForgedToken):
-        signer.verify(f"{tampered}.{signature}", NOW)
+        signer.verify(f"{tampered}.{tag}", NOW)
+
+
+def test_token_does_not_reveal_price_or_user_id() -> None:
+    """Finding 8: the claims are encrypted, not base64 JSON a page script can read."""
+    signer = TokenSigner(SECRET)
+    first, second = make_token(signer), make_token(signer)
+    assert first != second  # a fresh nonce per token: equal claims do not link
+    for token in (first, second):
+        blob = token.split(".")[0]
+        raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+        for secret_claim in (b"1234567", b"u-42", b"home_feed", b"req-1"):
+            assert secret_claim not in raw and secret_claim.decode() not in token
+        assert signer.verify(token, NOW).price_micros == 1_234_567
+
+
+def test_version_1_tokens_still_verify_and_their_tampering_is_forged() -> None:
+    signer = TokenSigner(SECRET)
+    body = [1, "req-1", 5, 77, "u-42", "home_feed", 1_000, 301, 0, int(NOW) + 60]
+    assert signer.verify(_v1_token(signer, body), NOW).price_micros == 1_000
+    payload, signature = _v1_token(signer, body).split(".")
+    tampered = base64.urlsafe_b64encode(orjson.dumps([*body[:6], 1, *body[7:]])).rstrip(b"=")
+    with pytest.raises(ForgedToken):
+        signer.verify(f"{tampered.decode()}.{signature}", NOW)
 
 
 @pytest.mark.parametrize("junk", ["", "abc", "a.b.c", ".sig", "payload.", "é.é",
@@ -79,9 +109,7 @@ def test_malformed_tokens_raise_a_clear_error(junk: str) -> None:
 
 def test_correctly_signed_but_wrong_shape_is_malformed() -> None:
     signer = TokenSigner(SECRET)
-    payload = base64.urlsafe_b64encode(orjson.dumps([1, "r", "not-an-int"])).rstrip(b"=")
-    mac = signer._mac(signer._keys[0], payload)  # noqa: SLF001 - simulate a buggy signer
-    token = payload.decode() + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    token = _v1_token(signer, [1, "r", "not-an-int"])  # simulate a buggy signer
     with pytest.raises(MalformedToken, match="version-1"):
         signer.verify(token, NOW)
 

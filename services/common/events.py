@@ -12,8 +12,20 @@ One interface (`EventLog`), two implementations with the same semantics, so the 
 
 Idempotency: `append` is "SET NX evt:{event_id} + XADD" as ONE step (a Lua script on Redis), so a
 duplicate event id within the window never enters the log and a failed XADD never leaves a marker
-behind that would reject the client's retry. The marker key is the one `OnlineStore.dedupe_event`
-uses (`evt:{id}`, SET NX PX), so both agree on what was seen.
+behind that would reject the client's retry.
+
+A slow or unreachable Redis: `append` gives up after `append_timeout_s` and raises
+`EventLogUnavailable` (the gateway answers 503 + Retry-After). The script carries a deadline
+(`write_deadline_s` after sending, by the wall clock, which Redis checks with TIME) and refuses
+to write after it, so a command that sat in a frozen server's socket buffer cannot land once the
+client has been told it failed: an event reported as failed is never applied. The client waits
+longer than the script's deadline, so a write that did land is almost always reported; in the
+rare case where its reply is lost, the client's retry of the same event id answers "duplicate",
+which means "already counted". (Assumes gateway and Redis clocks agree to well under
+`append_timeout_s - write_deadline_s`; NTP does.)
+
+The marker key is the one `OnlineStore.dedupe_event` uses (`evt:{id}`, SET NX PX), so both agree
+on what was seen. The worker's own per-slot markers live apart (`slot:...`, `claim_slot`).
 
 `RecordLog` is a plain append-only stream (no groups) for the learning loop: the worker appends
 click / conversion *label* records to `{prefix}labels`; the gateway may log served features to its
@@ -43,6 +55,10 @@ class EventType(StrEnum):
     IMPRESSION = "impression"
     CLICK = "click"
     CONVERSION = "conversion"
+
+
+class EventLogUnavailable(RuntimeError):
+    """The log could not take the event in time; it was NOT appended (retry later)."""
 
 
 class EventDecodeError(ValueError):
@@ -318,24 +334,36 @@ class MemoryRecordLog:
 
 
 # -- Redis -------------------------------------------------------------------------------------
-# KEYS[1] = evt marker, KEYS[2] = stream; ARGV = window ms, maxlen, field, value, field, value...
+# KEYS[1] = evt marker, KEYS[2] = stream;
+# ARGV = write deadline (Unix ms), window ms, maxlen, field, value, field, value...
+# Returns the entry id, false for a duplicate, or -1 when the deadline had passed (nothing written).
 _APPEND_ONCE = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return false end
-local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
-for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
+  return -1
+end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then return false end
+local args = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*'}
+for i = 4, #ARGV do args[#args + 1] = ARGV[i] end
 return redis.call(unpack(args))
 """
+APPEND_TIMEOUT_S = 1.0  # how long /v1/events waits for the log before answering 503
+WRITE_DEADLINE_S = 0.5  # after this, the script refuses to write (see the module docstring)
 
 
 class RedisEventLog:
     """`EventLog` on a Redis Stream (see the module docstring for the commands used)."""
 
     def __init__(self, client: Any, prefix: str = "cascade:",
-                 maxlen: int = DEFAULT_MAXLEN, key: str = EVENTS_KEY) -> None:
+                 maxlen: int = DEFAULT_MAXLEN, key: str = EVENTS_KEY, *,
+                 append_timeout_s: float = APPEND_TIMEOUT_S,
+                 write_deadline_s: float = WRITE_DEADLINE_S) -> None:
         self.client = client  # redis.asyncio.Redis with decode_responses=True
         self.prefix = prefix
         self.key = prefix + key
         self.maxlen = maxlen
+        self.append_timeout_s = append_timeout_s
+        self.write_deadline_s = min(write_deadline_s, append_timeout_s)
         self._append_once = client.register_script(_APPEND_ONCE)
 
     @classmethod
@@ -346,11 +374,23 @@ class RedisEventLog:
 
     async def append(self, event: Event,
                      dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S) -> str | None:
-        argv: list[str | int] = [max(1, int(dedupe_window_s * 1000)), self.maxlen]
+        import redis.exceptions
+
+        write_by_ms = int((time.time() + self.write_deadline_s) * 1000)
+        argv: list[str | int] = [write_by_ms, max(1, int(dedupe_window_s * 1000)), self.maxlen]
         for name, value in event.to_fields().items():
             argv += [name, value]
-        entry = await self._append_once(keys=[f"{self.prefix}evt:{event.event_id}", self.key],
-                                        args=argv)
+        try:
+            entry = await asyncio.wait_for(
+                self._append_once(keys=[f"{self.prefix}evt:{event.event_id}", self.key],
+                                  args=argv), self.append_timeout_s)
+        except (TimeoutError, OSError, redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError) as exc:
+            raise EventLogUnavailable(f"event log unreachable: {type(exc).__name__}") from None
+        except redis.exceptions.ResponseError as exc:  # LOADING, BUSY, MISCONF, ...
+            raise EventLogUnavailable(f"event log refused the write: {exc}") from None
+        if entry == -1:
+            raise EventLogUnavailable("event log too slow: the write deadline passed unwritten")
         return str(entry) if entry else None
 
     async def ensure_group(self, group: str = DEFAULT_GROUP) -> None:

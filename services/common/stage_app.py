@@ -21,6 +21,7 @@ gets for free, so no stage re-implements it:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from fastapi import FastAPI, Request, Response
 from pydantic import ValidationError
 
 from services.common import wire
+from services.common.bundle_guard import SchemaMismatch, bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
 from services.common.telemetry import METRICS_CONTENT_TYPE, StageMetrics
 
@@ -50,6 +52,7 @@ class StageState(Protocol):
 
 
 Loader = Callable[[str], StageState]
+BODY_READ_TIMEOUT_S = 10.0  # a request body must arrive within this (else 408)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class StageLimits:
     max_k: int = 20_000  # K a caller may ask for
     max_exclusions: int = 100_000
     threads: int = 4  # CPU worker threads (each runs one request: faiss/torch use 1 thread)
+    body_timeout_s: float = BODY_READ_TIMEOUT_S  # a stalled body is cut (408) after this
 
 
 @dataclass(frozen=True)
@@ -132,18 +136,25 @@ def check_limits(request: wire.WireModel, limits: StageLimits) -> None:
                                  f"{len(ad_ids)} candidates", f"ad_features.{name}")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it passes `limit`: a 10 MB body is never buffered."""
+async def read_body(request: Request, limit: int,
+                    timeout_s: float = BODY_READ_TIMEOUT_S) -> bytes:
+    """The body, refusing (413) as soon as it passes `limit`: a 10 MB body is never buffered.
+
+    A body that stalls (a slow-loris client sending a byte now and then) is cut after
+    `timeout_s` in all with 408, so it cannot hold a connection and a worker forever."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, f"body too large: {declared} bytes > {limit}", "body")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"body too large: more than {limit} bytes", "body")
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout_s) as scope:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"body too large: more than {limit} bytes", "body")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise HttpError(408, f"body not received within {timeout_s:g} s", "body")
     return b"".join(chunks)
 
 
@@ -161,6 +172,9 @@ class StageRuntime:
         self.load_error: str | None = None
         self._state: StageState | None = None
         self._reload_lock = threading.Lock()
+        self.schema_sha256: str | None = None  # of the served bundle (the reload guard)
+        self._staged: tuple[StageState, str | None, str | None] | None = None  # prepared
+        self._previous: tuple[StageState | None, str | None, str | None] | None = None
 
     @property
     def state(self) -> StageState | None:
@@ -177,6 +191,14 @@ class StageRuntime:
 
         Blocking; raises HttpError (the current state is kept) on failure.
         """
+        prepared = self.prepare(bundle)
+        committed = self.commit()
+        committed.load_ms = prepared.load_ms
+        return committed
+
+    def prepare(self, bundle: str | None = None) -> wire.ReloadResponse:
+        """Phase one of a reload: load and verify `bundle` beside the served state, and hold it
+        (staged) without serving it. Blocking; HttpError on failure (nothing staged)."""
         path = bundle or self.bundle
         if not path:
             raise HttpError(422, "no bundle given and none configured (CASCADE_BUNDLE)", "bundle")
@@ -188,6 +210,11 @@ class StageRuntime:
         try:
             start = time.perf_counter()
             try:
+                new_schema = check_same_schema(self.schema_sha256, path)
+            except SchemaMismatch as exc:
+                self.metrics.reloads.labels(self.name, "failed").inc()
+                raise HttpError(422, str(exc), "bundle") from None
+            try:
                 state = self.loader(path)
             except Exception as exc:  # any loader failure keeps the old state
                 log.exception("stage %s: loading bundle %s failed", self.name, path)
@@ -196,15 +223,44 @@ class StageRuntime:
                 kept = self._state.version if self._state is not None else None
                 raise HttpError(422, f"reload failed, kept {kept}: {self.load_error}",
                                 "bundle") from exc
-            previous = self._state.version if self._state is not None else ""
-            self.install(state)
-            if bundle:
-                self.bundle = bundle
-            self.metrics.reloads.labels(self.name, "ok").inc()
-            return wire.ReloadResponse(version=str(state.version), previous=str(previous),
+            self._staged = (state, bundle, new_schema)
+            current = self._state.version if self._state is not None else ""
+            return wire.ReloadResponse(version=str(state.version), previous=str(current),
                                        load_ms=(time.perf_counter() - start) * 1000)
         finally:
             self._reload_lock.release()
+
+    def commit(self) -> wire.ReloadResponse:
+        """Phase two: serve the staged state (one reference swap); the old one is kept for
+        `rollback` until the next commit. 409 when nothing is staged."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise HttpError(409, "nothing prepared to commit")
+        state, bundle, schema = staged
+        previous_state = self._state
+        self._previous = (previous_state, self.bundle, self.schema_sha256)
+        self.install(state)
+        self.schema_sha256 = schema
+        if bundle:
+            self.bundle = bundle
+        self.metrics.reloads.labels(self.name, "ok").inc()
+        previous = previous_state.version if previous_state is not None else ""
+        return wire.ReloadResponse(version=str(state.version), previous=str(previous))
+
+    def abort(self) -> None:
+        """Drop a staged state (another stage failed to prepare)."""
+        self._staged = None
+
+    def rollback(self) -> wire.ReloadResponse:
+        """Serve the state before the last commit again (another stage failed to commit)."""
+        if self._previous is None or self._previous[0] is None:
+            raise HttpError(409, "no previous state to roll back to")
+        state, bundle, schema = self._previous
+        current = self._state.version if self._state is not None else ""
+        self._previous = None
+        self.install(state)
+        self.bundle, self.schema_sha256 = bundle, schema
+        return wire.ReloadResponse(version=str(state.version), previous=str(current))
 
     async def call(self, endpoint: Endpoint, request: wire.WireModel,
                    deadline: Deadline) -> wire.WireModel:
@@ -239,16 +295,16 @@ class StageRuntime:
 
 
 def _route(runtime: StageRuntime, endpoint: Endpoint,
-           admin_key: str | None) -> Callable[[Request], Any]:
+           internal_key: str | None) -> Callable[[Request], Any]:
     async def handle(request: Request) -> Response:
         status = 200
         try:
-            if endpoint.admin:
-                _check_admin(request, admin_key)
+            _check_key(request, internal_key)  # every stage call: only the gateway may call
             deadline = Deadline.from_header(request.headers)
             if deadline.expired:
                 raise DeadlineExceeded("deadline exceeded on arrival")
-            body = await read_body(request, runtime.limits.max_body_bytes)
+            body = await read_body(request, runtime.limits.max_body_bytes,
+                                   runtime.limits.body_timeout_s)
             content_type = request.headers.get("content-type")
             try:
                 parsed = wire.decode(endpoint.request, body, content_type)
@@ -280,12 +336,19 @@ def _route(runtime: StageRuntime, endpoint: Endpoint,
 def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ...] = (),
                      bundle: str | None = None, limits: StageLimits | None = None,
                      admin_key: str | None = None, load_on_startup: bool = True,
-                     state: StageState | None = None) -> FastAPI:
+                     state: StageState | None = None,
+                     internal_key: str | None = None) -> FastAPI:
     """Build a stage app. `bundle` loads in the background at startup (/readyz says when);
-    `state` installs an already-loaded state instead (embedded use, tests)."""
+    `state` installs an already-loaded state instead (embedded use, tests).
+
+    `internal_key` (CASCADE_INTERNAL_KEY, see `stage_key`) guards every POST endpoint and
+    /admin: only the gateway, which sends it in X-API-Key, may call the stage. `admin_key` is
+    the older name of the same guard."""
+    internal_key = internal_key or admin_key
     runtime = StageRuntime(name, loader, bundle=bundle, limits=limits)
     if state is not None:
         runtime.install(state)
+        runtime.schema_sha256 = bundle_schema_sha256(bundle) if bundle else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -319,7 +382,7 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
     @app.post("/admin/reload")
     async def reload(request: Request) -> Response:
         try:
-            _check_admin(request, admin_key)
+            _check_key(request, internal_key)
             body = await read_body(request, 64 * 1024)
             try:
                 asked = wire.decode(wire.ReloadRequest, body or b"{}", wire.JSON)
@@ -331,15 +394,63 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
         except HttpError as exc:
             return error_response(exc)
 
+    async def reload_phase(request: Request) -> Response:
+        """/admin/reload/{prepare,commit,abort,rollback}: the gateway's two-phase reload, so
+        every stage switches to the new bundle, or none does."""
+        try:
+            _check_key(request, internal_key)
+            phase = request.path_params["phase"]
+            if phase == "prepare":
+                body = await read_body(request, 64 * 1024)
+                try:
+                    asked = wire.decode(wire.ReloadRequest, body or b"{}", wire.JSON)
+                except ValidationError as exc:
+                    raise _validation_error(exc) from None
+                result = await anyio.to_thread.run_sync(runtime.prepare, asked.bundle or None)
+            elif phase == "commit":
+                result = runtime.commit()
+            elif phase == "rollback":
+                result = runtime.rollback()
+            elif phase == "abort":
+                runtime.abort()
+                return json_response(200, {"aborted": True})
+            else:
+                raise HttpError(404, f"unknown reload phase '{phase}'")
+            return Response(wire.encode(result), media_type=wire.JSON)
+        except HttpError as exc:
+            return error_response(exc)
+
+    app.add_api_route("/admin/reload/{phase}", reload_phase, methods=["POST"])
+
     for endpoint in endpoints:
-        app.add_api_route(endpoint.path, _route(runtime, endpoint, admin_key), methods=["POST"],
+        app.add_api_route(endpoint.path, _route(runtime, endpoint, internal_key), methods=["POST"],
                           name=endpoint.path.strip("/").replace("/", "_"))
     return app
 
 
-def _check_admin(request: Request, admin_key: str | None) -> None:
-    if admin_key is not None and request.headers.get("x-api-key") != admin_key:
-        raise HttpError(401, "missing or wrong X-API-Key for /admin")
+MIN_KEY_CHARS = 16
+
+
+def stage_key(settings: Any) -> str | None:
+    """The key a stage service requires (CASCADE_INTERNAL_KEY); None with CASCADE_AUTH=off.
+
+    A stage refuses to start with auth on and no key, or one shorter than 16 characters."""
+    if not settings.auth:
+        return None
+    key = settings.internal_key
+    if not key or len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"CASCADE_INTERNAL_KEY {'is too short' if key else 'not set'}: a stage "
+                         f"service needs a key of at least {MIN_KEY_CHARS} characters, which "
+                         f"the gateway sends (or CASCADE_AUTH=off for a local demo)")
+    return key
+
+
+def _check_key(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    given = request.headers.get("x-api-key")
+    if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+        raise HttpError(401, "missing or wrong X-API-Key (the internal key)")
 
 
 def runtime_of(app: FastAPI) -> StageRuntime:

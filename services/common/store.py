@@ -15,7 +15,8 @@ Keys (all under `Settings.redis_prefix`, see ARCHITECTURE.md):
     qs:{ad}                 hash   impressions, clicks
     cap:{user}:{day}        hash   impressions per campaign that UTC day (TTL ~2 days)
     spend:{campaign}:{day}  int    micros charged that UTC day (TTL 8 days)
-    evt:{event_id}          string de-duplication marker (SET NX PX)
+    evt:{event_id}          string de-duplication marker of a client event id (SET NX PX)
+    slot:{type}:{req}:{ad}  string the worker applied this event type for this served slot
     catalog:version         int    bumped by every ad / campaign write
     catalog:changes         zset   "ad:{id}" / "campaign:{id}" scored by the version of the edit
     catalog:bulk            int    catalog version of the last bulk load (put_ads/put_campaigns)
@@ -223,6 +224,11 @@ class OnlineStore(Protocol):
         of a million-ad catalog in O(changes), whichever replica's worker applied them."""
         ...
     async def dedupe_event(self, event_id: str, window_s: float) -> bool: ...
+    async def claim_slot(self, event_type: str, request_id: str, ad_id: int,
+                         window_s: float) -> bool:
+        """True the first time within the window for this (type, request, ad). Its own key
+        family, so no client-chosen event id (`dedupe_event`) can pre-claim a slot."""
+        ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 

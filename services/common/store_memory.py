@@ -50,6 +50,7 @@ class MemoryStore:
         self._caps: dict[tuple[str, str], tuple[float, dict[int, int]]] = {}
         self._spend: dict[tuple[int, str], tuple[float, int]] = {}
         self._events: dict[str, float] = {}
+        self._slots: dict[tuple[str, str, int], float] = {}  # apart from client event ids
         self._version = 0
         self._bulk_version = 0
         self._changes: dict[str, int] = {}
@@ -61,6 +62,7 @@ class MemoryStore:
             return
         self._sweep_at = now + 60.0
         self._events = {k: t for k, t in self._events.items() if t > now}
+        self._slots = {k: t for k, t in self._slots.items() if t > now}
         self._caps = {k: v for k, v in self._caps.items() if v[0] > now}
         self._spend = {k: v for k, v in self._spend.items() if v[0] > now}
 
@@ -239,6 +241,16 @@ class MemoryStore:
         if self._events.get(event_id, 0.0) > now:
             return False
         self._events[event_id] = now + max(0.001, float(window_s))
+        return True
+
+    async def claim_slot(self, event_type: str, request_id: str, ad_id: int,
+                         window_s: float) -> bool:
+        now = self._clock()
+        self._sweep(now)
+        key = (event_type, request_id, int(ad_id))
+        if self._slots.get(key, 0.0) > now:
+            return False
+        self._slots[key] = now + max(0.001, float(window_s))
         return True
 
     async def ping(self) -> bool:

@@ -388,6 +388,12 @@ class RedisStore:
         ms = max(1, int(window_s * 1000))
         return bool(await self.client.set(self.key("evt", event_id), 1, nx=True, px=ms))
 
+    async def claim_slot(self, event_type: str, request_id: str, ad_id: int,
+                         window_s: float) -> bool:
+        ms = max(1, int(window_s * 1000))
+        key = self.key("slot", event_type, request_id, int(ad_id))
+        return bool(await self.client.set(key, 1, nx=True, px=ms))
+
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 

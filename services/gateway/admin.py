@@ -14,6 +14,7 @@ a CPC ad without a bid, an oCPA ad without a target CPA.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,8 @@ from services.common.store import Ad, Campaign
 from services.gateway.app import decode_body, guarded, json_response, require_key
 from services.gateway.clients import StageError
 from services.gateway.service import Gateway
+
+log = logging.getLogger(__name__)
 
 ADMIN_BODY_LIMIT = 64 * 1024
 
@@ -69,7 +72,52 @@ class AdPatch(wire.WireModel):
 
 
 class ExportBody(wire.WireModel):
-    out: str = Field(min_length=1)
+    """Where to write: a relative path under the export directory (CASCADE_EXPORT_DIR)."""
+
+    out: str = Field(min_length=1, max_length=255)
+
+
+async def reload_all(stages: dict[str, Any], bundle: str | None) -> dict[str, Any]:
+    """Switch every stage to `bundle`, or none: each stage first loads and verifies it beside
+    the old one (prepare); only when all have, each switches (commit). A stage that fails to
+    prepare -> every staged bundle is dropped, 422 naming the stage; nothing switched. A commit
+    that fails (a stage process died meanwhile) -> the stages already switched roll back, 503.
+
+    Any loader error counts (a corrupt safetensors or faiss file raises its library's own
+    exception class), so a bad bundle is a 422, never a 500."""
+    prepared: list[tuple[str, Any]] = []
+    for name, client in stages.items():
+        try:
+            await client.prepare(bundle)
+        except Exception as exc:  # noqa: BLE001 - any failure keeps every old bundle
+            for _, done in prepared:
+                await _quietly(done.abort())
+            await _quietly(client.abort())
+            raise HttpError(422, f"reload of {name} failed, every stage kept the old bundle: "
+                                 f"{type(exc).__name__}: {exc}"[:1000], "bundle") from None
+        prepared.append((name, client))
+    out: dict[str, Any] = {}
+    committed: list[Any] = []
+    for name, client in prepared:
+        try:
+            result = await client.commit()
+        except Exception as exc:  # noqa: BLE001
+            for done in committed:
+                await _quietly(done.rollback())
+            for _, rest in prepared[len(committed) + 1:]:
+                await _quietly(rest.abort())
+            raise HttpError(503, f"commit of {name} failed, rolled back: {exc}"[:1000],
+                            "bundle") from None
+        committed.append(client)
+        out[name] = {"version": result.version, "previous": result.previous}
+    return out
+
+
+async def _quietly(step: Any) -> None:
+    try:
+        await step
+    except Exception:  # noqa: BLE001 - best effort clean-up; the error answer says the rest
+        log.exception("reload clean-up step failed")
 
 
 def _check_ad(gateway: Gateway, ad: Ad) -> None:
@@ -184,22 +232,15 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
 
     async def reload(request: Request) -> dict[str, Any]:
         body = await decode_body(request, wire.ReloadRequest, ADMIN_BODY_LIMIT)
-        out: dict[str, Any] = {}
-        for name, client in gateway.stages.all().items():
-            try:
-                result = await client.reload(body.bundle or None)
-            except (StageError, ValueError, OSError) as exc:
-                raise HttpError(422, f"reload of {name} failed, kept the old bundle: {exc}",
-                                "bundle") from None
-            out[name] = {"version": result.version, "previous": result.previous}
-        return out
+        return await reload_all(gateway.stages.all(), body.bundle or None)
 
     async def export(request: Request) -> dict[str, Any]:
-        from services.gateway.served_log import export_training_set
+        from services.gateway.served_log import export_path, export_training_set
 
         body = await decode_body(request, ExportBody, ADMIN_BODY_LIMIT)
         try:
-            return await export_training_set(gateway.sources(), body.out)
+            out = export_path(gateway.settings.export_dir, body.out)
+            return await export_training_set(gateway.sources(), out)
         except ValueError as exc:
             raise HttpError(422, str(exc), "out") from None
 

@@ -12,6 +12,7 @@ protobuf when the Content-Type (or Accept) says so.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,11 +23,14 @@ from pydantic import ValidationError
 from services.common import wire
 from services.common.admission import AdmissionMiddleware, arrived
 from services.common.config import Settings
+from services.common.events import EventLogUnavailable
 from services.common.stage_app import HttpError, error_response, json_response, read_body
 from services.common.telemetry import METRICS_CONTENT_TYPE
+from services.gateway.health import GatewayHealth
 from services.gateway.service import EventRejected, Gateway
 
 EVENT_BODY_LIMIT = 16 * 1024
+EVENT_RETRY_AFTER_S = 1
 
 
 def validation_error(exc: ValidationError) -> HttpError:
@@ -37,17 +41,41 @@ def validation_error(exc: ValidationError) -> HttpError:
     return HttpError(422, f"{field}: {first['msg']}", field)
 
 
+MIN_KEY_CHARS = 16
+
+
 def check_keys(settings: Settings) -> None:
-    """Refuse to run open by accident: keys (and a token secret) unless CASCADE_AUTH=off."""
+    """Refuse to run open by accident: keys (and a token secret) unless CASCADE_AUTH=off.
+
+    Each key has at least MIN_KEY_CHARS characters, and the admin key is not the frontend key
+    (else every frontend could edit campaigns)."""
     if not settings.auth:
         return
-    missing = [name for name, value in (("CASCADE_API_KEY", settings.api_key),
-                                        ("CASCADE_ADMIN_KEY", settings.admin_key),
-                                        ("CASCADE_TOKEN_SECRET", settings.token_secret))
-               if not value]
+    named = (("CASCADE_API_KEY", settings.api_key), ("CASCADE_ADMIN_KEY", settings.admin_key),
+             ("CASCADE_TOKEN_SECRET", settings.token_secret))
+    missing = [name for name, value in named if not value]
     if missing:
         raise ValueError(f"{', '.join(missing)} not set: the gateway refuses to start without "
                          f"keys (set them, or CASCADE_AUTH=off for a local demo)")
+    if any((settings.retrieval_url, settings.prerank_url, settings.rank_url)):
+        if not settings.internal_key:
+            raise ValueError("CASCADE_INTERNAL_KEY not set: the stage services refuse calls "
+                             "without it, and the gateway sends it")
+        named += (("CASCADE_INTERNAL_KEY", settings.internal_key),)
+    short = [name for name, value in named if len(value or "") < MIN_KEY_CHARS]
+    if short:
+        raise ValueError(f"{', '.join(short)} shorter than {MIN_KEY_CHARS} characters: the "
+                         f"gateway refuses to start with guessable keys")
+    if settings.admin_key == settings.api_key:
+        raise ValueError("CASCADE_ADMIN_KEY equals CASCADE_API_KEY: the admin key must differ "
+                         "from the frontend key")
+
+
+def same_key(given: str | None, expected: str | None) -> bool:
+    """Constant-time comparison (hmac.compare_digest): timing says nothing about the key."""
+    if given is None or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def require_key(request: Request, settings: Settings, admin: bool) -> None:
@@ -55,12 +83,14 @@ def require_key(request: Request, settings: Settings, admin: bool) -> None:
         return
     key = request.headers.get("x-api-key")
     if admin:
-        if key == settings.admin_key:
+        if same_key(key, settings.admin_key):
             return
-        if key is not None and key == settings.api_key:
+        if same_key(key, settings.api_key):
             raise HttpError(403, "the frontend key may not use /admin")
         raise HttpError(401, "missing or wrong X-API-Key for /admin")
-    if key is None or key not in (settings.api_key, settings.admin_key):
+    # both comparisons always run, so the time does not say which key matched
+    frontend, admin_ok = same_key(key, settings.api_key), same_key(key, settings.admin_key)
+    if not (frontend or admin_ok):
         raise HttpError(401, "missing or wrong X-API-Key")
 
 
@@ -130,6 +160,10 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
             result = await gateway.accept_event(parsed)
         except EventRejected as exc:
             raise HttpError(422, f"token: {exc}", "token") from None
+        except EventLogUnavailable as exc:  # not appended: safe to retry with the same id
+            response = json_response(503, {"detail": f"{exc}; retry with the same event_id"})
+            response.headers["Retry-After"] = str(EVENT_RETRY_AFTER_S)
+            return response
         return Response(wire.encode(result), media_type=wire.JSON)
 
     app.add_api_route("/v1/ads", guarded(gateway.metrics, "/v1/ads", ads), methods=["POST"])
@@ -140,11 +174,15 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     async def healthz() -> Response:
         return json_response(200, {"status": "ok", "service": "gateway"})
 
+    # one per gateway: its gauges live in the gateway's registry (an app may be built twice)
+    health = getattr(gateway, "health", None) or GatewayHealth(gateway)
+    gateway.health = health
+    app.state.health = health
+
     @app.get("/readyz")
     async def readyz() -> Response:
-        parts = await gateway.ready()
-        ok = all(parts.values())
-        return json_response(200 if ok else 503, {"ready": ok, **parts})
+        ok, body = await health.check()
+        return json_response(200 if ok else 503, body)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -153,4 +191,7 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     from services.gateway.admin import add_admin_routes
 
     add_admin_routes(app, gateway)
+    from services.gateway.openapi import install_openapi
+
+    install_openapi(app)
     return app

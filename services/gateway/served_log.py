@@ -65,12 +65,34 @@ def served_records(result: Any) -> list[dict[str, str | int | float]]:
     return out
 
 
+HASHED_ID_BIT = 1 << 61  # every hashed id has it; no kept decimal id (< 10**18) does
+
+
 def int_id(value: str) -> int:
-    """A dataset int64 id for an API string id (decimal strings keep their value)."""
+    """A dataset int64 id for an API string id.
+
+    ASCII-decimal strings of up to 18 digits keep their integer value ("42" -> 42). Any other
+    string is hashed, never parsed: str.isdigit() also accepts "²" (int() refuses it) and
+    "٤٢" (int() reads it as 42, merging two users), so the test is ASCII digits only. Hashed
+    ids are 62-bit with bit 61 set, so they never equal a kept decimal id.
+    """
     text = str(value)
-    if text.isdigit() and len(text) < 19:
+    if text.isascii() and text.isdigit() and len(text) < 19:
         return int(text)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 2
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return HASHED_ID_BIT | (int.from_bytes(digest, "big") >> 3)
+
+
+def export_path(root: str | Path, out: str) -> Path:
+    """`out` inside the export root, or ValueError: absolute paths, `..` and symlinks that
+    lead out of the root are refused, so /admin/export cannot write anywhere else."""
+    if not out or Path(out).is_absolute():
+        raise ValueError(f"out: {out!r} must be a relative path inside the export directory")
+    base = Path(root).resolve()
+    target = (base / out).resolve()
+    if target == base or not target.is_relative_to(base):
+        raise ValueError(f"out: {out!r} leads outside the export directory")
+    return target
 
 
 async def _all(log: RecordLog) -> list[dict[str, str]]:

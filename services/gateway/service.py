@@ -24,7 +24,13 @@ from models.nn.qscore import Qscore
 from services.common import wire
 from services.common.admission import Admission, AdmissionConfig
 from services.common.config import Settings
-from services.common.events import Event, EventType, make_event_log, make_label_log
+from services.common.events import (
+    Event,
+    EventLogUnavailable,
+    EventType,
+    make_event_log,
+    make_label_log,
+)
 from services.common.store import OnlineStore, UserContext, make_store
 from services.common.telemetry import LATENCY_BUCKETS
 from services.gateway.cascade import Cascade, GatewayConfig
@@ -236,7 +242,8 @@ class Gateway:
 
     # -- events --------------------------------------------------------------------------------
     async def accept_event(self, request: wire.EventRequest) -> wire.EventResponse:
-        """Verify the token, then append once per event id; raises EventRejected."""
+        """Verify the token, then append once per event id; raises EventRejected, or
+        EventLogUnavailable (nothing appended: the client retries the same event id)."""
         try:
             claims = self.signer.verify(request.token, time.time())
         except TokenError as exc:
@@ -246,7 +253,11 @@ class Gateway:
             self.metrics.events.labels(request.type, "rejected").inc()
             raise EventRejected(f"ad {claims.ad_id} was not served by this gateway")
         event = Event(request.event_id, EventType(request.type), claims, now_ms())
-        entry = await self.events.append(event, self.config.dedupe_window_s)
+        try:
+            entry = await self.events.append(event, self.config.dedupe_window_s)
+        except EventLogUnavailable:
+            self.metrics.events.labels(request.type, "unavailable").inc()
+            raise
         self.metrics.events.labels(request.type, "duplicate" if entry is None else "ok").inc()
         return wire.EventResponse(event_id=request.event_id, accepted=entry is not None,
                                   duplicate=entry is None)

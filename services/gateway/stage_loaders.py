@@ -119,7 +119,7 @@ def build_stages(settings: Settings, bundle_path: str | None,
         if url:
             path, response = PATHS[name]
             clients[name] = HttpStage(name, url, path, response,
-                                      admin_key=settings.admin_key if settings.auth else None)
+                                      admin_key=settings.internal_key if settings.auth else None)
             continue
         state = (states or {}).get(name)
         if state is None:

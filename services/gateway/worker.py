@@ -17,11 +17,15 @@ charged_micros}`. The gateway logs the served features under the same `(request_
 training joins the two; an impression without a label record is a negative.
 
 Delivery semantics: the log de-duplicates event ids at append. The worker then applies each
-(type, request_id, ad_id) at most once, marking it with `dedupe_event("slot:...")` BEFORE the
-effects: a second click on one slot (with a fresh event id) is never charged, and a reclaimed
-entry that a crashed worker had already applied is not applied again. The price of that choice: a
-crash between the mark and the effects loses that one event's counters (logged) -- a missed count
-rather than a double charge.
+(type, request_id, ad_id) at most once, marking it with `claim_slot(...)` BEFORE the effects. The
+slot markers live in their own key family (`slot:{type}:{request_id}:{ad_id}`), apart from the
+client-chosen event-id markers (`evt:{event_id}`): no event id, whatever its text, can pre-mark a
+slot and so stop a click from being charged. Marking first means: a second click on one slot (with
+a fresh event id) is never charged, and a reclaimed entry that a crashed worker had already
+applied is not applied again. On Redis the mark, the effects and the label record are one Lua
+script (services/gateway/apply_redis.py), so a crash of the worker or of Redis leaves all of an
+event or none of it: the reclaimed retry completes it exactly once. In process (no Redis) a
+crash loses the whole state anyway.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from services.common.events import (
     RecordLog,
 )
 from services.common.store import OnlineStore, utc_day
+from services.gateway.apply_redis import RedisApplier
 from services.gateway.pacing import billable_micros
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,9 @@ class EventWorker:
         self.config = config or WorkerConfig()
         self.stats = WorkerStats()
         self._group_ready = False
+        # On Redis, claim + effects + label run as one script (services/gateway/apply_redis.py)
+        self._atomic = RedisApplier(store, labels) if RedisApplier.usable(store, labels) else None
+        self.last_ok = time.monotonic()  # when a batch last completed (worker lag, /readyz)
 
     async def _ensure_group(self) -> None:
         if not self._group_ready:
@@ -91,7 +99,25 @@ class EventWorker:
 
     async def process_batch(self, max_events: int | None = None,
                             block_ms: int | None = None) -> int:
-        """Reclaim stale pending entries, read new ones, apply and ack each; entries handled."""
+        """Reclaim stale pending entries, read new ones, apply and ack each; entries handled.
+
+        A Redis that restarted empty has lost the consumer group (NOGROUP): it is made again,
+        reading from the start of the (new) log, so events accepted since are applied.
+        """
+        try:
+            handled = await self._process_batch(max_events, block_ms)
+        except Exception as exc:
+            if "NOGROUP" not in str(exc):
+                self._group_ready = False  # whatever broke, check the group on the next pass
+                raise
+            log.warning("consumer group %r is gone (the log restarted empty): making it again",
+                        self.config.group)
+            self._group_ready = False
+            handled = await self._process_batch(max_events, block_ms)
+        self.last_ok = time.monotonic()
+        return handled
+
+    async def _process_batch(self, max_events: int | None, block_ms: int | None) -> int:
         await self._ensure_group()
         cfg = self.config
         limit = max_events or cfg.batch
@@ -127,8 +153,11 @@ class EventWorker:
             log.warning("dropping malformed event entry %s: %s", delivery.entry_id, delivery.error)
             return
         c = event.claims
-        first = await self.store.dedupe_event(
-            f"slot:{event.type.value}:{c.request_id}:{c.ad_id}", self.config.slot_window_s)
+        if self._atomic is not None:
+            await self._handle_atomic(event)
+            return
+        first = await self.store.claim_slot(event.type.value, c.request_id, c.ad_id,
+                                            self.config.slot_window_s)
         if not first:
             self.stats.repeated += 1
             return
@@ -138,6 +167,22 @@ class EventWorker:
             log.exception("event %s (entry %s) marked but not fully applied",
                           event.event_id, delivery.entry_id)
             raise
+        self.stats.applied += 1
+
+    async def _handle_atomic(self, event: Event) -> None:
+        c = event.claims
+        budget: int | None = None
+        if event.type is EventType.CLICK and c.price_micros > 0:
+            campaign = (await self.store.get_campaigns([c.campaign_id])).get(c.campaign_id)
+            budget = campaign.daily_budget_micros if campaign is not None else None
+        assert self._atomic is not None
+        charged = await self._atomic.apply(event, self.config.slot_window_s, budget)
+        if charged is None:
+            self.stats.repeated += 1
+            return
+        if event.type is EventType.CLICK:
+            self.stats.charged_micros += charged
+            self.stats.forgiven_micros += max(0, int(c.price_micros)) - charged
         self.stats.applied += 1
 
     async def apply(self, event: Event) -> None:

@@ -18,7 +18,13 @@ from prometheus_client import Counter
 from services.common import wire
 from services.common.config import Settings
 from services.common.deadline import Deadline
-from services.common.stage_app import Endpoint, StageLimits, create_stage_app, runtime_of
+from services.common.stage_app import (
+    Endpoint,
+    StageLimits,
+    create_stage_app,
+    runtime_of,
+    stage_key,
+)
 from services.prerank.state import PrerankState, load_prerank_state
 
 STAGE = "prerank"
@@ -57,7 +63,7 @@ def create_app(settings: Settings | None = None, *, bundle: str | None = None,
     counters: dict[str, Counter] = {}
     app = create_stage_app(STAGE, load, endpoints=_endpoints(counters),
                            bundle=bundle or settings.bundle, limits=limits or LIMITS,
-                           admin_key=settings.admin_key if settings.auth else None, state=state)
+                           internal_key=stage_key(settings), state=state)
     counters["unknown"] = Counter("cascade_unknown_candidates",
                                 "Candidate ad ids dropped because the stage has no data for them",
                                 ("stage",), registry=runtime_of(app).metrics.registry)

@@ -31,6 +31,7 @@ from services.common.stage_app import (
     StageRuntime,
     create_stage_app,
     runtime_of,
+    stage_key,
 )
 from services.rank.batcher import BatchSettings, MicroBatcher
 from services.rank.ranker import resolve_device
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None, *, bundle: str | None = None,
                          max_history=options.max_history, threads=options.threads)
     app = create_stage_app(STAGE, load, endpoints=_endpoints(runtime_ref, batcher),
                            bundle=bundle or settings.bundle, limits=limits,
-                           admin_key=settings.admin_key if settings.auth else None, state=state)
+                           internal_key=stage_key(settings), state=state)
     runtime_ref["runtime"] = runtime_of(app)
     app.state.batcher = batcher
     return app

@@ -22,7 +22,12 @@ from fastapi import FastAPI  # noqa: E402
 from services.common import wire  # noqa: E402
 from services.common.config import Settings  # noqa: E402
 from services.common.deadline import Deadline  # noqa: E402
-from services.common.stage_app import Endpoint, StageLimits, create_stage_app  # noqa: E402
+from services.common.stage_app import (  # noqa: E402
+    Endpoint,
+    StageLimits,
+    create_stage_app,
+    stage_key,
+)
 from services.retrieval.state import RetrievalState, load_retrieval_state  # noqa: E402
 from services.retrieval.user_encoder import two_tower_user_encoder  # noqa: E402
 
@@ -56,5 +61,5 @@ def create_app(settings: Settings | None = None, *, bundle: str | None = None,
         load_retrieval_state, faiss_threads=settings.faiss_threads,
         user_encoder_factory=partial(two_tower_user_encoder, threads=settings.torch_threads))
     return create_stage_app(STAGE, load, endpoints=ENDPOINTS, bundle=bundle or settings.bundle,
-                            limits=limits, admin_key=settings.admin_key if settings.auth else None,
+                            limits=limits, internal_key=stage_key(settings),
                             state=state)

@@ -21,7 +21,8 @@ import yaml
 _VAR = re.compile(
     r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 _URL = re.compile(
-    r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>[A-Za-z0-9._-]+):(?P<port>\d+)(?P<rest>.*)$")
+    r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?:[^@/]*@)?(?P<host>[A-Za-z0-9._-]+):(?P<port>\d+)"
+    r"(?P<rest>.*)$")
 
 
 class ComposeError(ValueError):

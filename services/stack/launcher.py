@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from services.common.config import redact_url
 from services.stack.plan import ProcessSpec, StackPlan, plan_stack, process_environment
 
 STATE_FILE = "state.json"
@@ -210,7 +211,7 @@ class Stack:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise StackError(f"redis: redis-server did not answer PING (see {log})")
             time.sleep(0.05)
-        say(f"redis      ready  {url}")
+        say(f"redis      ready  {redact_url(url)}")
         return url
 
     def _start_all(self, plan: StackPlan, state: dict, host_env: dict[str, str],

@@ -87,7 +87,8 @@ def _order(services: list[ComposeService]) -> list[ComposeService]:
 
 
 def _required_secrets(service: ComposeService, host_env: Mapping[str, str]) -> dict[str, str]:
-    """Make up values for unset `${..._KEY:?}` / `${..._SECRET:?}` so a dev stack starts.
+    """Make up values for unset `${..._KEY:?}` / `${..._SECRET:?}` / `${..._PASSWORD:?}` so a
+    dev stack starts.
 
     Docker refuses to start without them (the right call for a deployment); a local stack on
     loopback gets fresh random ones, recorded in the state file so clients can use them.
@@ -99,7 +100,7 @@ def _required_secrets(service: ComposeService, host_env: Mapping[str, str]) -> d
                 interpolate(value, {**host_env, **made})
                 break
             except MissingVariable as missing:
-                if not missing.name.endswith(("_KEY", "_SECRET")):
+                if not missing.name.endswith(("_KEY", "_SECRET", "_PASSWORD")):
                     raise
                 made[missing.name] = secrets.token_urlsafe(24)
     return made
