@@ -13,7 +13,8 @@ Deadlines: the request's absolute deadline is fixed when its first byte arrives 
 server protocol, services/common/admission.py), so time queued before the handler runs counts
 against the budget. A step may use whatever is left,
 minus what the later steps are guaranteed (`reserve_share` x the request budget, summed over the
-later steps); so a hung retrieval cannot starve ranking of its share. A remote step that fails or
+later steps, shrunk in proportion when queueing left less than the budget); so a hung
+retrieval cannot starve ranking of its share. A remote step that fails or
 misses its deadline is skipped and the order of the step before stands (DIN -> DQM -> Qscore); the
 response marks it `degraded` with the reason. Nothing in a stage failure becomes a 5xx.
 """
@@ -213,7 +214,8 @@ class Cascade:
         self._steps = [(step, getattr(self, f"_{step.name}"),
                         getattr(self, f"_{step.name}_fallback", None)) for step in STEPS]
         self._later_share = {step.name: sum(s.reserve_share for s in STEPS[i + 1:])
-                         for i, step in enumerate(STEPS)}
+                             for i, step in enumerate(STEPS)}
+        self._own_share = {step.name: step.reserve_share for step in STEPS}
 
     # -- the request path ------------------------------------------------------------------------
     async def run(self, request: wire.AdsRequest, arrived: float | None = None,
@@ -233,8 +235,7 @@ class Cascade:
             record.count_in = int(st.ids.size)
             started = time.perf_counter()
             if step.remote:
-                deadline = st.deadline.child(max(
-                    0.0, st.deadline.remaining_ms() - self._later_share[step.name] * budget_ms))
+                deadline = st.deadline.child(self._step_budget_ms(step.name, st))
                 ok = await self._guarded(record, deadline, lambda d, c=call: c(st, d))
             else:
                 ok = self._local(record, lambda c=call: c(st))
@@ -243,6 +244,18 @@ class Cascade:
             record.ms = (time.perf_counter() - started) * 1000
             record.count_out = st.count_out(step.name)
         return self._result(st)
+
+    def _step_budget_ms(self, name: str, st: RequestState) -> float:
+        """What a step may use: what is left, minus what the later steps are guaranteed.
+
+        The guarantee is their shares of the request budget, but never more than their
+        proportional part of what is left: a request that queued before its handler ran has
+        less than its budget, and the loss is spread over the steps instead of taking the
+        first step's whole share (which would skip the store read and serve a cold user)."""
+        left = st.deadline.remaining_ms()
+        later = self._later_share[name]
+        keep = min(later * st.budget_ms, left * later / (later + self._own_share[name]))
+        return max(0.0, left - keep)
 
     async def _guarded(self, record: StageRecord, deadline: Deadline,
                        call: Callable[[Deadline], Awaitable[Any]]) -> bool:
