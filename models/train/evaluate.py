@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import Bundle, read_bundle
+from models.bundle import Bundle, load_model, read_bundle
 from models.data.dataset import EncodedLog, load_encoded_log
-from models.nn import Qscore, build_model
+from models.nn import Qscore
 from models.train.loop import predict
 from models.train.metrics import auc, calibration, gauc, logloss, recall_at_k, spearman
 from models.train.split import TimeSplit
@@ -23,14 +23,6 @@ from models.train.split import TimeSplit
 CTR_MODELS = ("din_esmm", "base", "dqm", "qscore")
 CVR_MODELS = ("din_esmm", "cvr_base")
 RECALL_KS = (100, 500, 1000)
-
-
-def load_model(bundle: Bundle, name: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild a network from its manifest config and load its safetensors weights."""
-    entry = bundle.model_entry(name)
-    model = build_model(name, bundle.schema, entry["config"])
-    model.load_state_dict(bundle.tensors(entry["file"]))
-    return model.to(device).eval()
 
 
 def ctr_metrics(click: np.ndarray, pctr: np.ndarray, users: np.ndarray) -> dict[str, float]:

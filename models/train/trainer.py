@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import BundleWriter
+from models.bundle import (
+    CAMPAIGNS_FILE,
+    CATALOG_FILE,
+    COLD_START_FILE,
+    QSCORE_COUNTS_FILE,
+    BundleWriter,
+    ad_vectors_file,
+    weights_file,
+)
 from models.data import layout
 from models.data.dataset import EncodedLog, dataset_schema, load_encoded_log, open_marketplace
 from models.features import FeatureSchema
@@ -28,18 +36,11 @@ from models.train.split import TimeSplit, time_split
 
 NEURAL_MODELS = ("two_tower", "dqm", "din_esmm", "base", "cvr_base")
 ALL_MODELS = ("two_tower", "dqm", "din_esmm", "qscore", "base", "cvr_base")
-CATALOG_FILE = "catalog.parquet"
-CAMPAIGNS_FILE = "campaigns.parquet"
-QSCORE_COUNTS_FILE = "qscore_counts.safetensors"
-COLD_START_FILE = "cold_start.safetensors"
-
-
-def weights_file(model: str) -> str:
-    return f"{model}.safetensors"
-
-
-def ad_vectors_file(model: str) -> str:
-    return f"{model}_ad_vectors.safetensors"
+# The bundle's file names live in models.bundle (serving reads them without this module);
+# re-exported here for callers that still import them from the trainer.
+__all__ = ["ALL_MODELS", "CAMPAIGNS_FILE", "CATALOG_FILE", "COLD_START_FILE", "NEURAL_MODELS",
+           "QSCORE_COUNTS_FILE", "TrainOptions", "ad_vectors_file", "parse_models", "train",
+           "weights_file"]
 
 
 @dataclass
@@ -166,6 +167,8 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
                 writer.add_model("qscore", entry)
                 writer.manifest["priors"] = priors
                 continue
+            # Seed before building: the initial weights are the first random draw of a run.
+            torch.manual_seed(options.fit.seed)
             model = build_model(name, schema, default_config(name))
             if hasattr(model, "init_base_rates"):
                 model.init_base_rates(base_ctr, base_cvr)
