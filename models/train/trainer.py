@@ -32,7 +32,7 @@ from models.features import FeatureSchema
 from models.nn import Qscore, build_model, default_config, estimate_log_q
 from models.train.loop import Batch, FitConfig, Progress, fit, predict
 from models.train.metrics import auc, gauc
-from models.train.split import TimeSplit, time_split
+from models.train.split import Split, choose_split, split_from_dict
 
 NEURAL_MODELS = ("two_tower", "dqm", "din_esmm", "base", "cvr_base")
 ALL_MODELS = ("two_tower", "dqm", "din_esmm", "qscore", "base", "cvr_base")
@@ -80,12 +80,11 @@ CLICKED_ONLY = ("two_tower", "cvr_base")
 
 def _fit_config(name: str, base: FitConfig) -> FitConfig:
     """Models trained on clicked impressions see ~40x fewer rows than the click models: the
-    same batch size and epochs would give them a few dozen steps. They take smaller batches and
-    more epochs instead, still early-stopped on their own validation rows."""
+    same batch size would give them a few steps per epoch. They take smaller batches; the
+    epoch and step budgets and early stopping are the same."""
     if name not in CLICKED_ONLY:
         return base
-    return replace(base, batch_size=max(256, base.batch_size // 4), epochs=base.epochs * 8,
-                   patience=max(base.patience, 1))
+    return replace(base, batch_size=max(256, base.batch_size // 4))
 
 
 def _step_loss(name: str, lam: float) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
@@ -150,8 +149,8 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
     schema = dataset_schema(data_dir)
     device = options.resolved_device()
     log = load_encoded_log(data_dir, schema, max_rows=options.max_rows)
-    split = time_split(log.ts)
-    train_idx, valid_idx, _ = split.indices(log.ts)
+    split = choose_split(log)
+    train_idx, valid_idx, _ = split.indices(log)
     market = open_marketplace(data_dir)
     catalog = encode_catalog(schema, market.ads)
     writer = BundleWriter(out_root, schema)
@@ -188,6 +187,8 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
                 "file": weights_file(name),
                 "config": model.config.to_dict(),
                 "best_epoch": result.best_epoch,
+                "best_step": result.best_step,
+                "steps": result.steps,
                 "history": result.history,
                 "train_rows": int(len(tr)),
                 "metrics": _validation_metrics(name, model, log, valid_idx, device,
@@ -206,7 +207,7 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
         if (data_dir / layout.CAMPAIGNS_FILE).is_file():
             shutil.copyfile(data_dir / layout.CAMPAIGNS_FILE, writer.path(CAMPAIGNS_FILE))
         writer.manifest.update(
-            split=split.to_dict(log.ts),
+            split=split.to_dict(log),
             data={"path": str(data_dir), "rows": len(log),
                   "summary": {k: market.summary.get(k) for k in ("ads", "users", "impressions")}},
             training={"device": str(device), "fit": asdict(options.fit),
@@ -258,5 +259,5 @@ def _user_queries(model: torch.nn.Module, log: EncodedLog, idx: np.ndarray,
     return out.get("u", np.zeros((0, 1), np.float32))
 
 
-def split_of(manifest: dict[str, Any]) -> TimeSplit:
-    return TimeSplit.from_dict(manifest["split"])
+def split_of(manifest: dict[str, Any]) -> Split:
+    return split_from_dict(manifest["split"])
