@@ -28,7 +28,7 @@ def train(
                                   "per model (0 = epochs only). Validation runs every epoch, "
                                   "or 20 times over the budget when an epoch is longer, and "
                                   "the best point by validation loss is kept."),
-    patience: int = typer.Option(3, "--patience", min=0, help="Validations without "
+    patience: int = typer.Option(2, "--patience", min=0, help="Validations without "
                                  "improvement before a model stops."),
     batch_size: int = typer.Option(2048, "--batch-size", min=16),
     max_rows: int = typer.Option(0, "--max-rows", min=0, help="Train on the earliest N "

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.nn import build_optimizers
+from models.nn import build_optimizers, split_parameters
 
 Batch = dict[str, torch.Tensor]
 StepLoss = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -46,9 +46,13 @@ class FitConfig:
     # Adam-style steps move every touched row by ~lr whatever its gradient, so a rare ad's
     # embedding is jolted by each of its few impressions: keep the sparse rate as low as dense.
     sparse_lr: float = 2e-3
+    # "adam" (SparseAdam) or "adagrad": per-row accumulators, so a rare id's step stays
+    # proportional to its small gradient instead of a full lr-sized jolt.
+    sparse_optimizer: str = "adam"
+    adagrad_init: float = 0.1
     # Validations without improvement before stopping; validation runs every epoch, or every
     # `1 / validations` of the step budget when an epoch is longer than that.
-    patience: int = 3
+    patience: int = 2
     validations: int = 20
     valid_max_rows: int | None = 100_000  # a fixed sample keeps in-epoch validation cheap
     warmup_share: float = 0.03
@@ -106,8 +110,20 @@ def iterate(source: BatchSource, idx: np.ndarray, batch_size: int, device: torch
 
 
 def make_optimizers(model: torch.nn.Module, cfg: FitConfig) -> list[torch.optim.Optimizer]:
-    """SparseAdam for sparse embedding tables (only touched rows move), Adam for the rest."""
-    return build_optimizers(model, lr=cfg.lr, sparse_lr=cfg.sparse_lr)
+    """SparseAdam (or Adagrad) for sparse embedding tables (only touched rows move), Adam for
+    the rest."""
+    if cfg.sparse_optimizer == "adam":
+        return build_optimizers(model, lr=cfg.lr, sparse_lr=cfg.sparse_lr)
+    if cfg.sparse_optimizer != "adagrad":
+        raise ValueError(f"sparse_optimizer must be adam or adagrad, got {cfg.sparse_optimizer!r}")
+    sparse, dense = split_parameters(model)
+    optimizers: list[torch.optim.Optimizer] = []
+    if sparse:
+        optimizers.append(torch.optim.Adagrad(sparse, lr=cfg.sparse_lr,
+                                              initial_accumulator_value=cfg.adagrad_init))
+    if dense:
+        optimizers.append(torch.optim.Adam(dense, lr=cfg.lr))
+    return optimizers
 
 
 @torch.no_grad()
@@ -122,10 +138,18 @@ def mean_loss(model: torch.nn.Module, step_loss: StepLoss, source: BatchSource,
     return total / max(rows, 1)
 
 
+ValidScore = Callable[[torch.nn.Module, np.ndarray], float]
+
+
 def fit(model: torch.nn.Module, step_loss: StepLoss, source: BatchSource, train_idx: np.ndarray,
         valid_idx: np.ndarray, cfg: FitConfig, device: torch.device,
-        progress: Progress | None = None, name: str = "model") -> FitResult:
+        progress: Progress | None = None, name: str = "model",
+        valid_score: ValidScore | None = None) -> FitResult:
     """Train with early stopping on validation loss and restore the best point's weights.
+
+    With `valid_score` (higher is better, e.g. the validation CTR AUC of a ranker) the best
+    point is chosen by it; the loss is still recorded. Ranking is what a ranker is for, and the
+    validation loss also moves with calibration drift between the training and validation days.
 
     Reproducible: the torch and batch-order generators are seeded here and deterministic
     kernels are asked for (warn-only) while training, so the same seed, data and thread count
@@ -146,6 +170,7 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, source: BatchSource, train_
     per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
     result = FitResult(best_epoch=-1, best_valid_loss=math.inf)
     best_state = None
+    best_target = math.inf
     stale, step, running = 0, 0, 0.0
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -174,11 +199,16 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, source: BatchSource, train_
                 if step % every == 0 or step == total:
                     valid_loss = mean_loss(model, step_loss, source, valid_idx, cfg.batch_size,
                                            device)
+                    point = {"epoch": epoch + 1, "step": step, "train_loss": round(running, 6),
+                             "valid_loss": round(valid_loss, 6)}
+                    target = valid_loss
+                    if valid_score is not None:
+                        point["valid_score"] = round(valid_score(model, valid_idx), 6)
+                        target = -point["valid_score"]
                     model.train()
-                    result.history.append({"epoch": epoch + 1, "step": step,
-                                           "train_loss": round(running, 6),
-                                           "valid_loss": round(valid_loss, 6)})
-                    if valid_loss < result.best_valid_loss - 1e-5:
+                    result.history.append(point)
+                    if target < best_target - 1e-5:
+                        best_target = target
                         result.best_valid_loss, result.best_epoch = valid_loss, epoch + 1
                         result.best_step, stale = step, 0
                         best_state = copy.deepcopy(model.state_dict())

@@ -32,6 +32,7 @@ from models.features import FeatureSchema
 from models.nn import Qscore, build_model, default_config, estimate_log_q
 from models.train.loop import Batch, FitConfig, Progress, fit, predict
 from models.train.metrics import auc, gauc
+from models.train.rare_ids import RareIds, RareIdSource
 from models.train.split import Split, choose_split, split_from_dict
 
 NEURAL_MODELS = ("two_tower", "dqm", "din_esmm", "base", "cvr_base")
@@ -50,6 +51,13 @@ class TrainOptions:
     models: tuple[str, ...] = ALL_MODELS
     fit: FitConfig = field(default_factory=FitConfig)
     mba_lambda: float = 1e-5
+    # Ids seen fewer times than this in training share one row per table (0/1: off).
+    min_id_count: int = 0
+    # Rankers keep their best point by validation AUC (CTR; CVR on clicks for cvr_base)
+    # rather than validation loss.
+    stop_on_auc: bool = True
+    # Per-model config overrides (JSON fields of the model's config), e.g. from a tuning run.
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_rows: int | None = None  # read at most this many (earliest) impressions
     device: str | None = None  # None: CUDA when present, else CPU
 
@@ -76,6 +84,8 @@ def encode_catalog(schema: FeatureSchema, ads: dict[str, np.ndarray]) -> dict[st
 
 
 CLICKED_ONLY = ("two_tower", "cvr_base")
+# The two-tower's sampled softmax corrects by each ad's sampling probability, per raw ad id.
+RARE_ID_MODELS = ("dqm", "din_esmm", "base", "cvr_base")
 
 
 def _fit_config(name: str, base: FitConfig) -> FitConfig:
@@ -124,6 +134,25 @@ def _validation_metrics(name: str, model: torch.nn.Module, log: EncodedLog,
     return {k: round(float(v), 5) for k, v in metrics.items()}
 
 
+def _valid_score(name: str, source: Any, log: EncodedLog, device: torch.device
+                 ) -> Callable[[torch.nn.Module, np.ndarray], float] | None:
+    """Validation AUC of a ranker's main head (None for the two-tower: recall is its metric)."""
+    if name == "two_tower":
+        return None
+
+    def score(model: torch.nn.Module, idx: np.ndarray) -> float:
+        out = predict(model, lambda m, b: m.predict(b), source, idx, 8192, device)
+        if name == "cvr_base":
+            clicked = log.click[idx] > 0
+            return auc(log.conversion[idx][clicked], out["pcvr"][clicked])
+        value = auc(log.click[idx], out["pctr"])
+        if name == "din_esmm":  # both heads: the CVR tower must not be sacrificed for CTR
+            value += auc(log.click[idx] * log.conversion[idx], out["pctcvr"])
+        return value
+
+    return score
+
+
 def _ad_vectors(model: torch.nn.Module, catalog: dict[str, np.ndarray],
                 device: torch.device, block: int = 65536) -> np.ndarray:
     model.eval()
@@ -168,7 +197,8 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
                 continue
             # Seed before building: the initial weights are the first random draw of a run.
             torch.manual_seed(options.fit.seed)
-            model = build_model(name, schema, default_config(name))
+            config = default_config(name).to_dict() | options.configs.get(name, {})
+            model = build_model(name, schema, config)
             if hasattr(model, "init_base_rates"):
                 model.init_base_rates(base_ctr, base_cvr)
             source: Any = log
@@ -180,8 +210,16 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
                 owner = schema["ad_id"]
                 counts = estimate_log_q(torch.from_numpy(log.features["ad_id"][tr]), owner.rows)
                 source = _WithLogQ(log, counts.numpy())
+            rare = None
+            if name in RARE_ID_MODELS and options.min_id_count > 1:
+                rare = RareIds.fit(schema, log, tr, options.min_id_count)
+                source = RareIdSource(source, rare)
             result = fit(model, _step_loss(name, options.mba_lambda), source, tr, va,
-                         _fit_config(name, options.fit), device, progress, name)
+                         _fit_config(name, options.fit), device, progress, name,
+                         _valid_score(name, source, log, device) if options.stop_on_auc
+                         else None)
+            if rare is not None:
+                rare.export(model)
             writer.save_tensors(weights_file(name), model.state_dict())
             entry: dict[str, Any] = {
                 "file": weights_file(name),
@@ -191,6 +229,8 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
                 "steps": result.steps,
                 "history": result.history,
                 "train_rows": int(len(tr)),
+                "rare_ids": None if rare is None else {"min_count": rare.min_count,
+                                                       "rows": rare.summary()},
                 "metrics": _validation_metrics(name, model, log, valid_idx, device,
                                                options.fit.batch_size),
             }
