@@ -22,9 +22,14 @@ def train(
                              "there and BUNDLES/current is switched to it."),
     models: str = typer.Option("all", "--models", help="Comma-separated subset of two_tower, dqm, "
                                "din_esmm, qscore, base, cvr_base."),
-    epochs: int = typer.Option(1, "--epochs", min=1, help="Maximum epochs over all impressions "
-                               "(models trained on clicks only take 8x); the best epoch by "
-                               "validation loss is kept and training stops when it worsens."),
+    epochs: int = typer.Option(30, "--epochs", min=1, help="Maximum passes over the training "
+                               "rows; with --max-steps, whichever ends first."),
+    max_steps: int = typer.Option(3000, "--max-steps", min=0, help="Optimiser-step budget "
+                                  "per model (0 = epochs only). Validation runs every epoch, "
+                                  "or 20 times over the budget when an epoch is longer, and "
+                                  "the best point by validation loss is kept."),
+    patience: int = typer.Option(2, "--patience", min=0, help="Validations without "
+                                 "improvement before a model stops."),
     batch_size: int = typer.Option(2048, "--batch-size", min=16),
     max_rows: int = typer.Option(0, "--max-rows", min=0, help="Train on the earliest N "
                                  "impressions only (0 = all)."),
@@ -39,7 +44,8 @@ def train(
         "cos(u, a) + W x (log eCPM_a - mean log eCPM), eCPM the ad's Qscore estimate "
         "(needs qscore). Default: the two-tower temperature; 0 = cosine only."),
 ) -> None:
-    """Train every model on a time split and publish one bundle."""
+    """Train every model on the dataset's own split (its `split` column) or, without one, a
+    time split, and publish one bundle."""
     from models.train.loop import FitConfig
     from models.train.trainer import TrainOptions, parse_models
     from models.train.trainer import train as run_train
@@ -47,8 +53,8 @@ def train(
 
     options = TrainOptions(
         models=parse_models(models),
-        fit=FitConfig(epochs=epochs, batch_size=batch_size, seed=seed,
-                      max_train_rows=sample_rows or None),
+        fit=FitConfig(epochs=epochs, max_steps=max_steps or None, patience=patience,
+                      batch_size=batch_size, seed=seed, max_train_rows=sample_rows or None),
         max_rows=max_rows or None,
         device=device or None,
     )
@@ -95,6 +101,9 @@ def eval_command(
 def print_metrics(result: dict) -> None:
     """One row per metric, one column per model (the oracle first), so it fits a terminal."""
     columns = {"oracle": result.get("oracle", {}), **result["models"]}
+    if result.get("oracle_learnable"):
+        columns = {"oracle": columns.pop("oracle"),
+                   "oracle_learnable": result["oracle_learnable"], **columns}
     keys = sorted({k for m in columns.values() for k in m}, key=_metric_order)
     table = Table(title=f"test split: {result['rows']} impressions (bundle {result['bundle']})")
     table.add_column("metric")

@@ -128,7 +128,7 @@ def main() -> None:
     step("2. train every model (on a sample, to keep the demo short) and evaluate")
     if not (bundles / "current" / "manifest.json").is_file():
         run(["train", "--data", str(data), "--out", str(bundles),
-             "--sample-rows", str(args.sample_rows)])
+             "--sample-rows", str(args.sample_rows), "--patience", "1"])
         run(["eval", "--data", str(data), "--bundle", str(bundles),
              "--out", str(args.dir / "eval.json")])
     else:

@@ -21,6 +21,10 @@ from models.data import layout
 from models.features.schema import PAD, Feature, FeatureSchema, load_schema
 
 LABELS = ("click", "conversion", "true_pctr", "true_pcvr")
+# Per-row columns read for evaluation and splitting only; batches never carry them.
+LEARNABLE = ("true_pctr_learnable", "true_pcvr_learnable")
+SPLIT_COLUMN = "split"
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
 
 @dataclass
@@ -65,7 +69,10 @@ class EncodedLog:
     `features[name]` is int64 [n] for every non-behaviour feature of the schema.
     `sequences[name]` is int32 [n_requests, L] (0 = padding) for each behaviour feature and is
     shared, not copied, by `subset`; `request_row[i]` is impression i's row in it.
-    Labels are float32; `true_pctr`/`true_pcvr` are NaN when the data has no oracle.
+    Labels are float32; `true_pctr`/`true_pcvr` are NaN when the data has no oracle, and so
+    are `true_*_learnable` (the oracle with what no model can learn integrated out) when the
+    data does not carry them. `split` is the dataset's own split as int8 codes (SPLIT_CODES),
+    or None when the impressions have no `split` column.
     """
 
     features: dict[str, np.ndarray]
@@ -80,6 +87,9 @@ class EncodedLog:
     request_id: np.ndarray
     ad_id: np.ndarray
     schema: FeatureSchema | None = field(default=None, repr=False)
+    split: np.ndarray | None = None
+    true_pctr_learnable: np.ndarray | None = None
+    true_pcvr_learnable: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.click.shape[0])
@@ -98,6 +108,9 @@ class EncodedLog:
         """Rows `idx` (e.g. a time split) sharing the same sequence arrays."""
         per_row = {name: getattr(self, name)[idx] for name in
                    ("request_row", *LABELS, "ts", "user_id", "request_id", "ad_id")}
+        for name in (SPLIT_COLUMN, *LEARNABLE):
+            column = getattr(self, name)
+            per_row[name] = None if column is None else column[idx]
         return EncodedLog(features={k: v[idx] for k, v in self.features.items()},
                           sequences=self.sequences, schema=self.schema, **per_row)
 
@@ -214,4 +227,25 @@ def load_encoded_log(path: str | Path, schema: FeatureSchema | None = None,
                       click=floats("click"), conversion=floats("conversion"),
                       true_pctr=floats("true_pctr"), true_pcvr=floats("true_pcvr"),
                       ts=ts.astype(np.int64), user_id=ids["user_id"],
-                      request_id=ids["request_id"], ad_id=ids["ad_id"], schema=schema)
+                      request_id=ids["request_id"], ad_id=ids["ad_id"], schema=schema,
+                      split=_split_codes(root, imp),
+                      **{n: floats(n) if n in imp.column_names else None for n in LEARNABLE})
+
+
+def _split_codes(root: Path, imp: pa.Table) -> np.ndarray | None:
+    """The impressions' `split` column as int8 codes, or None without one; an unknown value
+    is refused, since a typo would silently move rows out of the test set."""
+    if SPLIT_COLUMN not in imp.column_names:
+        return None
+    column = imp.column(SPLIT_COLUMN).combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    encoded = column.dictionary_encode()
+    names = [str(v) for v in encoded.dictionary.to_pylist()]
+    unknown = sorted(set(names) - set(SPLIT_CODES))
+    if unknown or encoded.indices.null_count:
+        bad = unknown or ["null"]
+        raise layout.DatasetError(f"{root}: impressions column `split` holds {bad}; "
+                                  f"expected {' | '.join(SPLIT_CODES)}")
+    codes = np.array([SPLIT_CODES[n] for n in names], dtype=np.int8)
+    return codes[encoded.indices.to_numpy()] if names else np.zeros(0, dtype=np.int8)

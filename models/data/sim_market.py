@@ -32,6 +32,10 @@ class Marketplace:
     users: dict[str, np.ndarray]
     category_sim: np.ndarray  # [leaf, leaf] float32 cosine of latent vectors
     ad_appeal: np.ndarray  # float32 click appeal
+    # The per-ad part of the appeal that no advertiser or campaign shares, and its prior
+    # standard deviation: what no model can learn from an ad's few impressions.
+    ad_appeal_private: np.ndarray  # float32
+    appeal_private_std: float
     ad_quality: np.ndarray  # float32 conversion quality
     ad_price_z: np.ndarray  # float32 standardised log price
     scene_ad_cum: np.ndarray  # [scene, ad] cumulative logging-policy weights (0 if ineligible)
@@ -182,9 +186,12 @@ def sample_interest_ads(market: Marketplace, users: np.ndarray, rng: np.random.G
     return np.where(size > 0, market.category_ads[pick], -1)
 
 
-def _shared_normal(rng: np.random.Generator, *groups: tuple[np.ndarray, float]) -> np.ndarray:
+def _shared_normal(rng: np.random.Generator, *groups: tuple[np.ndarray, float]
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
     """Standard normal per ad whose variance is split between groups (an effect per group id,
-    e.g. per advertiser) and a per-ad residual taking the remaining share."""
+    e.g. per advertiser) and a per-ad residual taking the remaining share.
+
+    Returns (value, residual, residual std); the residual is already inside the value."""
     n = groups[0][0].shape[0]
     out = np.zeros(n)
     rest = 1.0
@@ -192,7 +199,9 @@ def _shared_normal(rng: np.random.Generator, *groups: tuple[np.ndarray, float]) 
         effect = rng.standard_normal(int(ids.max()) + 1)
         out += np.sqrt(share) * effect[ids]
         rest -= share
-    return out + np.sqrt(max(rest, 0.0)) * rng.standard_normal(n)
+    std = float(np.sqrt(rest)) if rest > 1e-12 else 0.0
+    residual = std * rng.standard_normal(n)
+    return out + residual, residual, std
 
 
 def build_marketplace(cfg: SimConfig, seed: int, sequence_len: int = 50) -> Marketplace:
@@ -215,9 +224,10 @@ def build_marketplace(cfg: SimConfig, seed: int, sequence_len: int = 50) -> Mark
         pc.cast(pa.array(variant), pa.string()), "-")
     c, v, p = cfg.click, cfg.conversion, cfg.policy
     adv, camp = ads["advertiser_id"], ads["campaign_id"]
-    appeal = c.appeal_std * _shared_normal(
+    appeal, private, private_std = _shared_normal(
         rng_ads, (adv, c.appeal_advertiser_share), (camp, c.appeal_campaign_share))
-    own_quality = _shared_normal(rng_ads, (adv, v.quality_advertiser_share))
+    appeal, private = c.appeal_std * appeal, c.appeal_std * private
+    own_quality = _shared_normal(rng_ads, (adv, v.quality_advertiser_share))[0]
     quality = v.quality_std * (v.quality_appeal_corr * appeal / max(c.appeal_std, 1e-9)
                                + np.sqrt(1 - v.quality_appeal_corr ** 2) * own_quality)
     log_price = np.log(ads["price_micros"].astype(np.float64))
@@ -240,6 +250,8 @@ def build_marketplace(cfg: SimConfig, seed: int, sequence_len: int = 50) -> Mark
         scenes=scenes, ads=ads, ad_scenes=ad_scenes, ad_creative=ad_creative,
         campaigns=cat["campaigns"], users=users["table"], category_sim=sim,
         ad_appeal=appeal.astype(np.float32), ad_quality=quality.astype(np.float32),
+        ad_appeal_private=private.astype(np.float32),
+        appeal_private_std=c.appeal_std * private_std,
         ad_price_z=price_z.astype(np.float32), scene_ad_cum=scene_cum,
         category_ads=category_ads, category_offsets=cat_offsets,
         user_interest_cat=users["interest_cat"], user_interest_cum=users["interest_cum"],

@@ -106,6 +106,38 @@ def true_logits(cfg: SimConfig, market: Marketplace, user: np.ndarray, ad: np.nd
     return ctr, cvr
 
 
+GAUSS_HERMITE_NODES = 16
+
+
+def learnable_probabilities(cfg: SimConfig, market: Marketplace, ad: np.ndarray,
+                            ctr_logit: np.ndarray, cvr_logit: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's pCTR and pCVR with each ad's private appeal residual integrated out over
+    its prior N(0, s^2): what a model that learnt every shared effect could at best know.
+
+    Integrated, not zeroed, so the probabilities stay calibrated (E[sigmoid] is not
+    sigmoid(E)). The residual also moves conversion through the quality's correlation with
+    appeal, so pCVR is the ratio E[pCTR * pCVR] / E[pCTR] over the same residual. With no
+    private share (s = 0) this is exactly the oracle. Gauss-Hermite quadrature."""
+    s = market.appeal_private_std
+    if s <= 0:
+        return _sigmoid(ctr_logit).astype(np.float32), _sigmoid(cvr_logit).astype(np.float32)
+    c, v = cfg.click, cfg.conversion
+    cvr_slope = v.quality_std * v.quality_appeal_corr / max(c.appeal_std, 1e-9)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(GAUSS_HERMITE_NODES)
+    weights = weights / weights.sum()
+    private = market.ad_appeal_private[ad].astype(np.float64)
+    pctr, pctcvr = np.empty(ad.shape[0]), np.empty(ad.shape[0])
+    for b in range(0, ad.shape[0], ACTIVATION_BLOCK):
+        rows = slice(b, b + ACTIVATION_BLOCK)
+        known_ctr = (ctr_logit[rows] - private[rows])[:, None]
+        known_cvr = (cvr_logit[rows] - cvr_slope * private[rows])[:, None]
+        click = _sigmoid(known_ctr + s * nodes)
+        pctr[rows] = click @ weights
+        pctcvr[rows] = (click * _sigmoid(known_cvr + cvr_slope * s * nodes)) @ weights
+    return pctr.astype(np.float32), (pctcvr / np.maximum(pctr, 1e-30)).astype(np.float32)
+
+
 def _pick_ads(market: Marketplace, cfg: SimConfig, rng: np.random.Generator,
               user: np.ndarray, scene: np.ndarray) -> np.ndarray:
     """The logging policy: a popularity/bid-biased random pick, or an interest-driven one."""
@@ -186,6 +218,8 @@ def simulate_chunk(cfg: SimConfig, market: Marketplace, state: np.ndarray, seed:
     ctr_logit, cvr_logit = true_logits(cfg, market, user, ad, scene, position, act)
     pctr = _sigmoid(ctr_logit).astype(np.float32)
     pcvr = _sigmoid(cvr_logit).astype(np.float32)
+    pctr_learnable, pcvr_learnable = learnable_probabilities(cfg, market, ad, ctr_logit,
+                                                             cvr_logit)
     conversion = click & (u_conv < pcvr)
     impressions = {
         "request_id": req["request_id"][imp_req], "ts": req["ts"][imp_req],
@@ -193,6 +227,7 @@ def simulate_chunk(cfg: SimConfig, market: Marketplace, state: np.ndarray, seed:
         "hour": req["hour"][imp_req], "device": req["device"][imp_req], "ad_id": ad,
         "click": click.astype(np.int8), "conversion": conversion.astype(np.int8),
         "true_pctr": pctr, "true_pcvr": pcvr,
+        "true_pctr_learnable": pctr_learnable, "true_pcvr_learnable": pcvr_learnable,
     }
     return Chunk(requests=req, hist=hist, impressions=impressions)
 
@@ -278,7 +313,8 @@ class _Tally:
                 np.int64).reshape(len(self.scenes), self.n_pos)
         keep = imp["user_id"] % self.user_stride == 0
         self.parts.append({k: imp[k][keep] for k in
-                           ("user_id", "click", "conversion", "true_pctr", "true_pcvr")})
+                           ("user_id", "click", "conversion", "true_pctr", "true_pcvr",
+                            "true_pctr_learnable", "true_pcvr_learnable")})
 
     @staticmethod
     def _rates(n: int, clicks: int, conversions: int) -> dict[str, float | int]:
@@ -293,16 +329,23 @@ class _Tally:
                        for p in range(self.n_pos)}
         o = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
         clicked = o["click"] == 1
-        oracle = {
-            "ctr_auc": metrics.auc(o["click"], o["true_pctr"]),
-            "ctr_gauc": metrics.gauc(o["click"], o["true_pctr"], o["user_id"]),
-            "cvr_auc": metrics.auc(o["conversion"][clicked], o["true_pcvr"][clicked]),
-            "ctcvr_auc": metrics.auc(o["conversion"], o["true_pctr"] * o["true_pcvr"]),
-            "rows": int(o["click"].shape[0]), "user_sample_stride": self.user_stride,
-        }
+
+        def scored(pctr: np.ndarray, pcvr: np.ndarray) -> dict[str, float]:
+            return {
+                "ctr_auc": metrics.auc(o["click"], pctr),
+                "ctr_gauc": metrics.gauc(o["click"], pctr, o["user_id"]),
+                "cvr_auc": metrics.auc(o["conversion"][clicked], pcvr[clicked]),
+                "ctcvr_auc": metrics.auc(o["conversion"], pctr * pcvr),
+                "calibration": metrics.calibration(o["click"], pctr),
+            }
+
+        sample = {"rows": int(o["click"].shape[0]), "user_sample_stride": self.user_stride}
+        oracle = scored(o["true_pctr"], o["true_pcvr"]) | sample
+        learnable = scored(o["true_pctr_learnable"], o["true_pcvr_learnable"]) | sample
         return {"impressions": n, "clicks": clicks, "conversions": conv,
                 "ctr": clicks / n if n else 0.0, "cvr": conv / clicks if clicks else 0.0,
-                "by_scene": by_scene, "by_position": by_position, "oracle": oracle}
+                "by_scene": by_scene, "by_position": by_position, "oracle": oracle,
+                "oracle_learnable": learnable}
 
 
 def check_out_dir(out: str | Path) -> Path:

@@ -13,24 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import Bundle, read_bundle
+from models.bundle import Bundle, load_model, read_bundle
 from models.data.dataset import EncodedLog, load_encoded_log
-from models.nn import Qscore, build_model
+from models.nn import Qscore
 from models.train.loop import predict
 from models.train.metrics import auc, calibration, gauc, logloss, recall_at_k, spearman
-from models.train.split import TimeSplit
+from models.train.split import split_from_dict
 
 CTR_MODELS = ("din_esmm", "base", "dqm", "qscore")
 CVR_MODELS = ("din_esmm", "cvr_base")
 RECALL_KS = (100, 500, 1000)
-
-
-def load_model(bundle: Bundle, name: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild a network from its manifest config and load its safetensors weights."""
-    entry = bundle.model_entry(name)
-    model = build_model(name, bundle.schema, entry["config"])
-    model.load_state_dict(bundle.tensors(entry["file"]))
-    return model.to(device).eval()
 
 
 def ctr_metrics(click: np.ndarray, pctr: np.ndarray, users: np.ndarray) -> dict[str, float]:
@@ -97,21 +89,20 @@ def evaluate(data_dir: str | Path, bundle_path: str | Path) -> dict[str, Any]:
     """The metrics JSON of ARCHITECTURE.md for every model present in the bundle."""
     bundle = read_bundle(bundle_path)
     log = load_encoded_log(data_dir, bundle.schema)
-    split = TimeSplit.from_dict(bundle.manifest["split"])
-    _, _, test = split.indices(log.ts)
+    split = split_from_dict(bundle.manifest["split"])
+    _, _, test = split.indices(log)
     if len(test) == 0:
         raise ValueError(f"{data_dir}: no rows fall in the bundle's test split "
-                         f"(ts >= {split.valid_end_ts}); is this the data it was trained on?")
+                         f"({split.to_dict()}); is this the data it was trained on?")
     click, conversion = log.click[test], log.conversion[test]
     users, true_pctr, true_pcvr = log.user_id[test], log.true_pctr[test], log.true_pcvr[test]
-    result: dict[str, Any] = {"rows": int(len(test)), "bundle": bundle.version, "models": {}}
-    if not np.isnan(true_pctr).all():
-        oracle = ctr_metrics(click, true_pctr, users)
-        oracle |= cvr_metrics(click, conversion, true_pcvr, true_pcvr)
-        oracle["ctcvr_auc"] = auc(click * conversion, true_pctr * true_pcvr)
-        result["oracle"] = _rounded(oracle)
-    else:
-        result["oracle"] = {}
+    result: dict[str, Any] = {"rows": int(len(test)), "bundle": bundle.version,
+                              "split": split.kind, "models": {}}
+    result["oracle"] = _oracle(click, conversion, users, true_pctr, true_pcvr)
+    learnable = (log.true_pctr_learnable, log.true_pcvr_learnable)
+    if learnable[0] is not None and learnable[1] is not None:
+        result["oracle_learnable"] = _oracle(click, conversion, users, learnable[0][test],
+                                             learnable[1][test])
     for name in bundle.manifest["models"]:
         if name == "qscore":
             metrics = ctr_metrics(click, _qscore_pctr(bundle, log.ad_id[test]), users)
@@ -130,4 +121,34 @@ def evaluate(data_dir: str | Path, bundle_path: str | Path) -> dict[str, Any]:
                 if name == "din_esmm":
                     metrics["ctcvr_auc"] = auc(click * conversion, out["pctcvr"])
         result["models"][name] = _rounded(metrics)
+    result["gaps"] = gaps(result)
     return result
+
+
+def _oracle(click: np.ndarray, conversion: np.ndarray, users: np.ndarray,
+            pctr: np.ndarray, pcvr: np.ndarray) -> dict[str, float | None]:
+    """The model metrics computed from true probabilities (empty when the data has none)."""
+    if np.isnan(pctr).all():
+        return {}
+    oracle = ctr_metrics(click, pctr, users)
+    oracle |= cvr_metrics(click, conversion, pcvr, pcvr)
+    oracle["ctcvr_auc"] = auc(click * conversion, pctr * pcvr)
+    return _rounded(oracle)
+
+
+GAP_KEYS = ("ctr_auc", "ctr_gauc", "cvr_auc", "ctcvr_auc")
+
+
+def gaps(result: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each model's shortfall (reference minus model) against every oracle present:
+    `oracle` knows each ad's private appeal; `oracle_learnable` has it integrated out, so its
+    gap is the part of the signal a model could still learn."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for ref in ("oracle", "oracle_learnable"):
+        truth = result.get(ref) or {}
+        for name, metrics in result["models"].items():
+            row = {k: round(truth[k] - metrics[k], 5) for k in GAP_KEYS
+                   if truth.get(k) is not None and metrics.get(k) is not None}
+            if row:
+                out.setdefault(name, {})[ref] = row
+    return out

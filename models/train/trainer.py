@@ -17,29 +17,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import BundleWriter
+from models.bundle import (
+    CAMPAIGNS_FILE,
+    CATALOG_FILE,
+    COLD_START_FILE,
+    QSCORE_COUNTS_FILE,
+    BundleWriter,
+    ad_vectors_file,
+    weights_file,
+)
 from models.data import layout
 from models.data.dataset import EncodedLog, dataset_schema, load_encoded_log, open_marketplace
 from models.features import FeatureSchema
 from models.nn import Qscore, build_model, default_config, estimate_log_q
 from models.train.loop import Batch, FitConfig, Progress, fit, predict
 from models.train.metrics import auc, gauc
-from models.train.split import TimeSplit, time_split
+from models.train.rare_ids import RareIds, RareIdSource
+from models.train.split import Split, choose_split, split_from_dict
 
 NEURAL_MODELS = ("two_tower", "dqm", "din_esmm", "base", "cvr_base")
 ALL_MODELS = ("two_tower", "dqm", "din_esmm", "qscore", "base", "cvr_base")
-CATALOG_FILE = "catalog.parquet"
-CAMPAIGNS_FILE = "campaigns.parquet"
-QSCORE_COUNTS_FILE = "qscore_counts.safetensors"
-COLD_START_FILE = "cold_start.safetensors"
-
-
-def weights_file(model: str) -> str:
-    return f"{model}.safetensors"
-
-
-def ad_vectors_file(model: str) -> str:
-    return f"{model}_ad_vectors.safetensors"
+# The bundle's file names live in models.bundle (serving reads them without this module);
+# re-exported here for callers that still import them from the trainer.
+__all__ = ["ALL_MODELS", "CAMPAIGNS_FILE", "CATALOG_FILE", "COLD_START_FILE", "NEURAL_MODELS",
+           "QSCORE_COUNTS_FILE", "TrainOptions", "ad_vectors_file", "parse_models", "train",
+           "weights_file"]
 
 
 @dataclass
@@ -49,6 +51,13 @@ class TrainOptions:
     models: tuple[str, ...] = ALL_MODELS
     fit: FitConfig = field(default_factory=FitConfig)
     mba_lambda: float = 1e-5
+    # Ids seen fewer times than this in training share one row per table (0/1: off).
+    min_id_count: int = 0
+    # Rankers keep their best point by validation AUC (CTR; CVR on clicks for cvr_base)
+    # rather than validation loss.
+    stop_on_auc: bool = True
+    # Per-model config overrides (JSON fields of the model's config), e.g. from a tuning run.
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_rows: int | None = None  # read at most this many (earliest) impressions
     device: str | None = None  # None: CUDA when present, else CPU
 
@@ -75,16 +84,17 @@ def encode_catalog(schema: FeatureSchema, ads: dict[str, np.ndarray]) -> dict[st
 
 
 CLICKED_ONLY = ("two_tower", "cvr_base")
+# The two-tower's sampled softmax corrects by each ad's sampling probability, per raw ad id.
+RARE_ID_MODELS = ("dqm", "din_esmm", "base", "cvr_base")
 
 
 def _fit_config(name: str, base: FitConfig) -> FitConfig:
     """Models trained on clicked impressions see ~40x fewer rows than the click models: the
-    same batch size and epochs would give them a few dozen steps. They take smaller batches and
-    more epochs instead, still early-stopped on their own validation rows."""
+    same batch size would give them a few steps per epoch. They take smaller batches; the
+    epoch and step budgets and early stopping are the same."""
     if name not in CLICKED_ONLY:
         return base
-    return replace(base, batch_size=max(256, base.batch_size // 4), epochs=base.epochs * 8,
-                   patience=max(base.patience, 1))
+    return replace(base, batch_size=max(256, base.batch_size // 4))
 
 
 def _step_loss(name: str, lam: float) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
@@ -124,6 +134,25 @@ def _validation_metrics(name: str, model: torch.nn.Module, log: EncodedLog,
     return {k: round(float(v), 5) for k, v in metrics.items()}
 
 
+def _valid_score(name: str, source: Any, log: EncodedLog, device: torch.device
+                 ) -> Callable[[torch.nn.Module, np.ndarray], float] | None:
+    """Validation AUC of a ranker's main head (None for the two-tower: recall is its metric)."""
+    if name == "two_tower":
+        return None
+
+    def score(model: torch.nn.Module, idx: np.ndarray) -> float:
+        out = predict(model, lambda m, b: m.predict(b), source, idx, 8192, device)
+        if name == "cvr_base":
+            clicked = log.click[idx] > 0
+            return auc(log.conversion[idx][clicked], out["pcvr"][clicked])
+        value = auc(log.click[idx], out["pctr"])
+        if name == "din_esmm":  # both heads: the CVR tower must not be sacrificed for CTR
+            value += auc(log.click[idx] * log.conversion[idx], out["pctcvr"])
+        return value
+
+    return score
+
+
 def _ad_vectors(model: torch.nn.Module, catalog: dict[str, np.ndarray],
                 device: torch.device, block: int = 65536) -> np.ndarray:
     model.eval()
@@ -149,8 +178,8 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
     schema = dataset_schema(data_dir)
     device = options.resolved_device()
     log = load_encoded_log(data_dir, schema, max_rows=options.max_rows)
-    split = time_split(log.ts)
-    train_idx, valid_idx, _ = split.indices(log.ts)
+    split = choose_split(log)
+    train_idx, valid_idx, _ = split.indices(log)
     market = open_marketplace(data_dir)
     catalog = encode_catalog(schema, market.ads)
     writer = BundleWriter(out_root, schema)
@@ -166,7 +195,10 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
                 writer.add_model("qscore", entry)
                 writer.manifest["priors"] = priors
                 continue
-            model = build_model(name, schema, default_config(name))
+            # Seed before building: the initial weights are the first random draw of a run.
+            torch.manual_seed(options.fit.seed)
+            config = default_config(name).to_dict() | options.configs.get(name, {})
+            model = build_model(name, schema, config)
             if hasattr(model, "init_base_rates"):
                 model.init_base_rates(base_ctr, base_cvr)
             source: Any = log
@@ -178,15 +210,27 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
                 owner = schema["ad_id"]
                 counts = estimate_log_q(torch.from_numpy(log.features["ad_id"][tr]), owner.rows)
                 source = _WithLogQ(log, counts.numpy())
+            rare = None
+            if name in RARE_ID_MODELS and options.min_id_count > 1:
+                rare = RareIds.fit(schema, log, tr, options.min_id_count)
+                source = RareIdSource(source, rare)
             result = fit(model, _step_loss(name, options.mba_lambda), source, tr, va,
-                         _fit_config(name, options.fit), device, progress, name)
+                         _fit_config(name, options.fit), device, progress, name,
+                         _valid_score(name, source, log, device) if options.stop_on_auc
+                         else None)
+            if rare is not None:
+                rare.export(model)
             writer.save_tensors(weights_file(name), model.state_dict())
             entry: dict[str, Any] = {
                 "file": weights_file(name),
                 "config": model.config.to_dict(),
                 "best_epoch": result.best_epoch,
+                "best_step": result.best_step,
+                "steps": result.steps,
                 "history": result.history,
                 "train_rows": int(len(tr)),
+                "rare_ids": None if rare is None else {"min_count": rare.min_count,
+                                                       "rows": rare.summary()},
                 "metrics": _validation_metrics(name, model, log, valid_idx, device,
                                                options.fit.batch_size),
             }
@@ -203,7 +247,7 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
         if (data_dir / layout.CAMPAIGNS_FILE).is_file():
             shutil.copyfile(data_dir / layout.CAMPAIGNS_FILE, writer.path(CAMPAIGNS_FILE))
         writer.manifest.update(
-            split=split.to_dict(log.ts),
+            split=split.to_dict(log),
             data={"path": str(data_dir), "rows": len(log),
                   "summary": {k: market.summary.get(k) for k in ("ads", "users", "impressions")}},
             training={"device": str(device), "fit": asdict(options.fit),
@@ -255,5 +299,5 @@ def _user_queries(model: torch.nn.Module, log: EncodedLog, idx: np.ndarray,
     return out.get("u", np.zeros((0, 1), np.float32))
 
 
-def split_of(manifest: dict[str, Any]) -> TimeSplit:
-    return TimeSplit.from_dict(manifest["split"])
+def split_of(manifest: dict[str, Any]) -> Split:
+    return split_from_dict(manifest["split"])

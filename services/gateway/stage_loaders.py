@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import Bundle, read_bundle
+from models.bundle import QSCORE_COUNTS_FILE, Bundle, read_bundle
 from models.nn.qscore import Qscore
-from models.train.trainer import QSCORE_COUNTS_FILE
 from services.common import wire
 from services.common.config import Settings
 from services.common.features import FeatureEncoder, to_tensors
@@ -45,7 +44,7 @@ class TwoTower:
     def from_bundle(cls, bundle: Bundle) -> TwoTower | None:
         if "two_tower" not in bundle.manifest.get("models", {}):
             return None
-        from models.train.evaluate import load_model
+        from models.bundle import load_model
 
         with torch.inference_mode():
             model = load_model(bundle, "two_tower")

@@ -24,10 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import Bundle
+from models.bundle import Bundle, ad_vectors_file, load_model
 from models.nn.dqm import Dqm
-from models.train.evaluate import load_model
-from models.train.trainer import ad_vectors_file
 from services.common.ad_table import AdTable
 from services.common.features import FeatureEncoder, to_tensors
 from services.common.towers import NumpyEmbeddings, NumpyMLP, user_tower_input

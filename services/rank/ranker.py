@@ -24,10 +24,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from models.bundle import Bundle
+from models.bundle import CATALOG_FILE, Bundle, load_model
 from models.nn.din_esmm import DinEsmm
-from models.train.evaluate import load_model
-from models.train.trainer import CATALOG_FILE
 from services.common.ad_table import AdTable
 from services.common.features import FeatureEncoder, to_tensors
 

@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from models.bundle import Bundle, read_bundle
-from models.train.trainer import CATALOG_FILE, COLD_START_FILE
+from models.bundle import CATALOG_FILE, COLD_START_FILE, Bundle, read_bundle
 from services.common import wire
 from services.common.deadline import Deadline
 from services.retrieval.index import (

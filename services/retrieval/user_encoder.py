@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.bundle import Bundle
+from models.bundle import Bundle, load_model
 from models.nn.two_tower import TwoTower
-from models.train.evaluate import load_model
 from services.common import wire
 from services.common.features import FeatureEncoder
 from services.common.towers import NumpyEmbeddings, NumpyMLP, user_tower_input
