@@ -196,7 +196,9 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, source: BatchSource, train_
                 step += 1
                 if progress:
                     progress.advance(running)
-                if step % every == 0 or step == total:
+                # every `every` steps and at each epoch's end: the one-epoch phenomenon makes
+                # the end of the first pass the usual best point, so it is always measured
+                if step % every == 0 or step % per_epoch == 0 or step == total:
                     valid_loss = mean_loss(model, step_loss, source, valid_idx, cfg.batch_size,
                                            device)
                     point = {"epoch": epoch + 1, "step": step, "train_loss": round(running, 6),
