@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from models.bundle import read_bundle
 from models.data import layout
 from models.pricing import ecpm
-from models.train.split import TimeSplit
+from models.train.split import ColumnSplit, Split, split_from_dict
 from services.common import wire
 from services.common.config import Settings
 from services.common.store_load import load_marketplace
@@ -46,11 +46,18 @@ class FunnelRequest:
     context: dict[str, Any]
 
 
-def sample_requests(data_dir: Path, split: TimeSplit, n: int, seed: int) -> list[FunnelRequest]:
-    """N requests from the test period, with the user profile and the logged sequence."""
+def sample_requests(data_dir: Path, split: Split, n: int, seed: int) -> list[FunnelRequest]:
+    """N requests from the bundle's test rows (its test period, or the requests of the
+    impressions a dataset's own `split` column puts in test), with profile and sequence."""
     requests = pq.read_table(data_dir / layout.REQUESTS_DIR).to_pydict()
-    ts = np.asarray(requests["ts"])
-    test = np.flatnonzero(ts >= split.valid_end_ts)
+    if isinstance(split, ColumnSplit):
+        imps = pq.read_table(data_dir / layout.IMPRESSIONS_DIR,
+                             columns=["request_id", "split"]).to_pydict()
+        test_ids = {r for r, part in zip(imps["request_id"], imps["split"], strict=True)
+                    if part == "test"}
+        test = np.flatnonzero([r in test_ids for r in requests["request_id"]])
+    else:
+        test = np.flatnonzero(np.asarray(requests["ts"]) >= split.valid_end_ts)
     if test.size == 0:
         raise ValueError(f"{data_dir}: no requests in the bundle's test split")
     rng = np.random.default_rng(seed)
@@ -152,7 +159,7 @@ def run_funnel(data_dir: str | Path, bundle_path: str | Path, requests: int, top
     if requests < 1:
         raise ValueError("--requests must be at least 1")
     funnel = Funnel(str(bundle_path), data_dir)
-    split = TimeSplit.from_dict(funnel.bundle.manifest["split"])
+    split = split_from_dict(funnel.bundle.manifest["split"])
     sampled = sample_requests(data_dir, split, requests, seed)
     rows = []
     for req in sampled:
