@@ -61,7 +61,7 @@ for part in "${parts[@]}"; do
     embedded)
       serve ""
       bench embedded "" --step --rps "${RPS:-60}" --step-factor 1.25 --max-steps "${STEPS:-8}" \
-        --seconds "${SECONDS_PER_STEP:-15}" --budget-ms 25 --feedback 1 --ceiling
+        --seconds "${SECONDS_PER_STEP:-15}" --budget-ms "${BUDGET_MS:-25}" --feedback 1 --ceiling
       stop ;;
     overload)
       CASCADE_BUDGET_MS=25 serve 0 --workers 1
