@@ -114,9 +114,12 @@ class CatalogView:
 
     @classmethod
     def empty(cls) -> CatalogView:
-        i64, flag = np.empty(0, np.int64), np.empty(0, bool)
-        return cls(AdColumns.zeros(0), IdIndex(i64), 0, CampaignColumns(i64, flag, i64),
-                   IdIndex(i64), 0)
+        # one spare (inactive) campaign row: gathers at max(row, 0) stay in bounds while the
+        # campaign table is empty
+        i64 = np.empty(0, np.int64)
+        campaigns = CampaignColumns(np.zeros(1, np.int64), np.zeros(1, bool),
+                                    np.zeros(1, np.int64))
+        return cls(AdColumns.zeros(0), IdIndex(i64), 0, campaigns, IdIndex(i64), 0)
 
 
 class Catalog:

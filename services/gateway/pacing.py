@@ -142,6 +142,7 @@ class Pacer:
     def _columns(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Spend and held columns covering `n` campaign rows (grown with zeros: a campaign
         created since the last refresh has spent nothing the pacer knows of)."""
+        n = max(n, 1)  # never empty: gathers at max(row, 0) must stay in bounds
         spend, held = self._spend, self._held
         if spend.size < n:
             with self._lock:
