@@ -4,9 +4,7 @@ nothing switches. Real stages loaded from tiny_bundle."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from models.bundle import resolve_bundle_dir
 from models.features.schema import schema_hash
+from services.bench.chaos import variant_bundle
 from services.common.config import Settings
 from services.common.stage_app import create_stage_app
 from services.common.store import MemoryStore
@@ -95,27 +94,6 @@ def test_stage_service_reload_refuses_another_schema(tiny_bundle: Path,
         assert reply.status_code == 422, reply.text
         assert old_sha in reply.text and new_sha in reply.text
         assert client.get("/readyz").json()["version"] == version
-
-
-def variant_bundle(tiny_bundle: Path, root: Path, version: str,
-                   corrupt: str | None = None) -> Path:
-    """A copy of the tiny bundle as another version (files hard-linked); `corrupt` names a file
-    replaced by garbage whose checksum IS recorded, so only loading it can tell."""
-    source = resolve_bundle_dir(tiny_bundle)
-    target = root / version
-    target.mkdir(parents=True)
-    manifest = json.loads((source / "manifest.json").read_text())
-    for item in source.iterdir():
-        if item.name != "manifest.json" and item.name != corrupt:
-            os.link(item, target / item.name)
-    if corrupt:
-        garbage = b"\x08\x00\x00\x00\x00\x00\x00\x00{not json, not a faiss index}" * 64
-        (target / corrupt).write_bytes(garbage)
-        manifest["files"][corrupt] = {"sha256": hashlib.sha256(garbage).hexdigest(),
-                                      "bytes": len(garbage)}
-    manifest["version"] = version
-    (target / "manifest.json").write_text(json.dumps(manifest))
-    return target
 
 
 @pytest.mark.anyio
