@@ -25,11 +25,6 @@ def test_rows_equal_a_dict_lookup(ids: list[int], queries: list[int], sparse: bo
         assert (q in index) == (q in row_of)
 
 
-def test_extended_keeps_rows_and_adds_new_ones() -> None:
-    index = IdIndex(np.array([7, 3, 11], np.int64)).extended(np.array([2, 99], np.int64))
-    assert index.rows(np.array([3, 2, 99, 5], np.int64)).tolist() == [1, 3, 4, -1]
-
-
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(-20, 20), max_size=50))
 def test_unique_and_first_occurrences(values: list[int]) -> None:

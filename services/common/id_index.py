@@ -7,8 +7,8 @@ edge cases: unknown ids, negative ids, ids past the table) is written once.
 - A dense table (`row_of[id]`) when ids are compact, the usual case: ~5 µs for 2k ids.
 - A sorted search otherwise (~0.3 ms for 2k ids among 1M): ids may be any int64.
 
-An index is immutable once built; tables that take new ids (`extended`) build a new index and
-swap it whole, so a reader holding the old one stays consistent.
+An index is immutable once built; tables that take new ids build a new index and swap it
+whole, so a reader holding the old one stays consistent.
 """
 
 from __future__ import annotations
@@ -58,10 +58,6 @@ class IdIndex:
 
     def __contains__(self, id_: object) -> bool:
         return isinstance(id_, int | np.integer) and self.get(int(id_)) is not None
-
-    def extended(self, new_ids: np.ndarray) -> IdIndex:
-        """A new index over `ids` + `new_ids` (rows continue after the current ones)."""
-        return IdIndex(np.concatenate([self.ids, np.asarray(new_ids, np.int64)]))
 
 
 def unique_values(values: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ Why not uvicorn's `--workers`: it spawns fresh interpreters, and each loads the 
 the catalog again, so N workers hold N copies of a 1M-ad index, the ad-vector and feature
 tables, and the catalog columns. Here the parent builds the app (stage states from the bundle,
 and the gateway's catalog through `preload`) and binds the socket, then forks. The children
-inherit those numpy arrays copy-on-write: pages nobody writes stay shared (the faiss index is
-memory-mapped on top). Each child then runs its own event loop, store connections and
+inherit those numpy arrays and the faiss index copy-on-write: pages nobody writes stay shared.
+Each child then runs its own event loop, store connections and
 background tasks (started by the app's lifespan, after the fork), and all accept on the one
 listening socket.
 

@@ -153,7 +153,11 @@ class Screened:
 def catalog_click_value(view: CatalogView, rows: np.ndarray, pcvr: np.ndarray | float
                         ) -> np.ndarray:
     """`models.pricing.click_value` for catalog rows."""
-    rec = view.ads.records[rows]
+    return record_click_value(view.ads.records[rows], pcvr)
+
+
+def record_click_value(rec: np.ndarray, pcvr: np.ndarray | float) -> np.ndarray:
+    """`models.pricing.click_value` for gathered catalog records (AD_RECORD)."""
     return click_value(rec["ocpa"], rec["bid_micros"], rec["target_cpa_micros"], pcvr)
 
 
@@ -195,8 +199,7 @@ def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catal
             keep &= ok
     rows, rec = rows[keep], rec[keep]
     qctr = rec["qctr"]
-    value = click_value(rec["ocpa"], rec["bid_micros"], rec["target_cpa_micros"],
-                        policy.prior_cvr)
+    value = record_click_value(rec, policy.prior_cvr)
     estimate = ecpm(qctr, value)
     if rows.size > policy.k:
         top = np.argpartition(-estimate, policy.k - 1)[:policy.k]

@@ -178,9 +178,9 @@ class Gateway:
 
     async def warm_up(self, rounds: int = 8) -> None:
         """Unlogged requests before readiness, down every path a real one takes: the first
-        calls of each stage pay for thread pools, torch kernels, caches and the first touch
-        of memory-mapped index pages, which would otherwise stall the first real requests
-        for seconds. Half the rounds carry a behaviour history taken from the catalog (the
+        calls of each stage pay for thread pools, torch kernels, per-scene caches and the
+        first touch of the index's pages after a fork, which would otherwise stall the first
+        real requests. Half the rounds carry a behaviour history taken from the catalog (the
         faiss and attention paths), half none (the cold-start path). No side effects: no
         tokens are handed out, nothing is logged, no pacing hold is taken."""
         view = self.catalog.view
