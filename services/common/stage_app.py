@@ -40,7 +40,13 @@ from pydantic import ValidationError
 from services.common import wire
 from services.common.bundle_guard import SchemaMismatch, bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
-from services.common.telemetry import METRICS_CONTENT_TYPE, StageMetrics
+from services.common.openapi import Operation, install_openapi
+from services.common.telemetry import (
+    METRICS_CONTENT_TYPE,
+    METRICS_ROUTE,
+    READYZ_ROUTE,
+    StageMetrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -368,14 +374,14 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
     async def healthz() -> Response:
         return json_response(200, {"status": "ok", "stage": name})
 
-    @app.get("/readyz")
+    @app.get("/readyz", **READYZ_ROUTE)
     async def readyz() -> Response:
         current = runtime.state
         if current is None:
             return json_response(503, {"ready": False, "stage": name, "error": runtime.load_error})
         return json_response(200, {"ready": True, "stage": name, "version": str(current.version)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", **METRICS_ROUTE)
     async def metrics() -> Response:
         return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
@@ -400,12 +406,12 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
         try:
             _check_key(request, internal_key)
             phase = request.path_params["phase"]
+            body = await read_body(request, 64 * 1024)
+            try:  # every phase refuses a malformed body, though only prepare reads it
+                asked = wire.decode(wire.ReloadRequest, body or b"{}", wire.JSON)
+            except ValidationError as exc:
+                raise _validation_error(exc) from None
             if phase == "prepare":
-                body = await read_body(request, 64 * 1024)
-                try:
-                    asked = wire.decode(wire.ReloadRequest, body or b"{}", wire.JSON)
-                except ValidationError as exc:
-                    raise _validation_error(exc) from None
                 result = await anyio.to_thread.run_sync(runtime.prepare, asked.bundle or None)
             elif phase == "commit":
                 result = runtime.commit()
@@ -425,7 +431,34 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
     for endpoint in endpoints:
         app.add_api_route(endpoint.path, _route(runtime, endpoint, internal_key), methods=["POST"],
                           name=endpoint.path.strip("/").replace("/", "_"))
+    install_openapi(app, lambda: stage_operations(name, endpoints),
+                    f"Cascade {name} stage. Every POST needs X-API-Key: the internal key "
+                    "(CASCADE_INTERNAL_KEY) the gateway sends.")
     return app
+
+
+RELOAD_ANSWERS = {"404": "bundle not found, or an unknown reload phase",
+                  "409": "another reload is in progress, or nothing prepared to commit or "
+                         "to roll back to"}
+
+
+def stage_operations(name: str, endpoints: tuple[Endpoint, ...]) -> dict[tuple[str, str],
+                                                                        Operation]:
+    """What a stage's OpenAPI documents: its endpoints and the reload phases."""
+    operations = {(e.path, "post"): Operation(
+        e.request, None, f"{name}: {e.path}",
+        {"503": "no bundle loaded, or overloaded: retry later",
+         "504": "the request's budget (X-Cascade-Budget-Ms) ran out before it could be answered"})
+        for e in endpoints}
+    operations[("/admin/reload", "post")] = Operation(
+        wire.ReloadRequest, wire.ReloadResponse, "Load a bundle and serve it", RELOAD_ANSWERS,
+        body_required=False)
+    operations[("/admin/reload/{phase}", "post")] = Operation(
+        wire.ReloadRequest, None, "One phase of the gateway's two-phase reload",
+        RELOAD_ANSWERS, {"phase": {"type": "string",
+                                   "enum": ["prepare", "commit", "abort", "rollback"]}},
+        body_required=False)
+    return operations
 
 
 MIN_KEY_CHARS = 16

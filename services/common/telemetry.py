@@ -9,6 +9,8 @@ call for different fixes (more workers vs a faster model).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,6 +26,13 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+# What the OpenAPI says the probes and /metrics answer, so a schema-driven client (or fuzzer)
+# sees the real thing: Prometheus text, and a 503 from /readyz while not ready.
+METRICS_ROUTE: dict[str, Any] = {"responses": {200: {
+    "description": "Prometheus text exposition format",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}}}
+READYZ_ROUTE: dict[str, Any] = {"responses": {503: {
+    "description": "not ready; the body says which check failed"}}}
 
 
 class StageMetrics:

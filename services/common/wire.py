@@ -49,15 +49,28 @@ class WireError(ValueError):
 
 # ---- packed arrays ---------------------------------------------------------------------------
 
+INT64_MAX = 2**63 - 1  # ids are int64 columns everywhere: a larger one is a 422, not a 500
+MAX_MICROS = 10**15  # money in micros: a billion a day is past any budget; sums stay in int64
+
+
 def _array_validator(dtype: str):
     """Accept ndarray, raw little-endian bytes (protobuf), base64 str (JSON) or a list."""
     size = np.dtype(dtype).itemsize
 
+    integers = dtype == "<i8"
+
+    def finite(array: np.ndarray) -> np.ndarray:
+        """Float arrays must hold finite numbers: one NaN or inf in a vector poisons every
+        inner product (and faiss's ordering) downstream."""
+        if not integers and array.size and not np.isfinite(array).all():
+            raise ValueError("values must be finite (no NaN or infinity)")
+        return array
+
     def validate(value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
-            if dtype == "<i8" and value.dtype.kind not in "iu" and value.size:
+            if integers and value.dtype.kind not in "iu" and value.size:
                 raise ValueError(f"expected an integer array, got {value.dtype}")
-            return np.ascontiguousarray(value, dtype=dtype).reshape(-1)
+            return finite(np.ascontiguousarray(value, dtype=dtype).reshape(-1))
         if isinstance(value, str):
             try:
                 value = base64.b64decode(value, validate=True)
@@ -66,15 +79,20 @@ def _array_validator(dtype: str):
         if isinstance(value, bytes | bytearray | memoryview):
             if len(value) % size:
                 raise ValueError(f"byte length {len(value)} is not a multiple of {size}")
-            return np.frombuffer(value, dtype=dtype)
+            return finite(np.frombuffer(value, dtype=dtype))
         if isinstance(value, list | tuple):
-            if dtype == "<i8" and any(isinstance(v, bool) or not isinstance(v, int)
-                                      for v in value):
+            if integers and any(isinstance(v, bool) or not isinstance(v, int) for v in value):
                 raise ValueError("expected a list of integers")
-            if dtype != "<i8" and any(isinstance(v, bool) or not isinstance(v, int | float)
-                                      for v in value):
+            if not integers and any(isinstance(v, bool) or not isinstance(v, int | float)
+                                    for v in value):
                 raise ValueError("expected a list of numbers")
-            return np.asarray(value, dtype=dtype)
+            try:
+                with np.errstate(over="raise", invalid="raise"):
+                    array = np.asarray(value, dtype=dtype)
+            except (OverflowError, FloatingPointError):
+                raise ValueError("a value is out of range for "
+                                 + ("int64" if integers else "float32")) from None
+            return finite(array)
         raise ValueError("expected a list, a base64 string or bytes")
 
     return validate
@@ -211,7 +229,7 @@ class RankResponse(WireModel):
 
 
 class CatalogUpdate(WireModel):
-    ad_id: int = Field(ge=0)
+    ad_id: int = Field(ge=0, le=INT64_MAX)
     vector: FloatArray | None = None
     scenes: list[str] = Field(default_factory=list)
     status: str = Field(default="active", pattern="^(active|paused)$")

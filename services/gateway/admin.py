@@ -35,37 +35,37 @@ ADMIN_BODY_LIMIT = 64 * 1024
 
 
 class CampaignBody(wire.WireModel):
-    campaign_id: int = Field(ge=1)
-    advertiser_id: int = Field(default=0, ge=0)
-    daily_budget_micros: int = Field(ge=0)
+    campaign_id: int = Field(ge=1, le=wire.INT64_MAX)
+    advertiser_id: int = Field(default=0, ge=0, le=wire.INT64_MAX)
+    daily_budget_micros: int = Field(ge=0, le=wire.MAX_MICROS)
     status: str = Field(default="active", pattern="^(active|paused)$")
 
 
 class CampaignPatch(wire.WireModel):
-    daily_budget_micros: int | None = Field(default=None, ge=0)
+    daily_budget_micros: int | None = Field(default=None, ge=0, le=wire.MAX_MICROS)
     status: str | None = Field(default=None, pattern="^(active|paused)$")
 
 
 class AdBody(wire.WireModel):
-    ad_id: int = Field(ge=1)
-    campaign_id: int = Field(ge=1)
-    advertiser_id: int = Field(default=0, ge=0)
-    category_id: int = Field(default=0, ge=0)
-    category_l1: int = Field(default=0, ge=0)
-    brand_id: int = Field(default=0, ge=0)
-    price_micros: int = Field(default=0, ge=0)
+    ad_id: int = Field(ge=1, le=wire.INT64_MAX)
+    campaign_id: int = Field(ge=1, le=wire.INT64_MAX)
+    advertiser_id: int = Field(default=0, ge=0, le=wire.INT64_MAX)
+    category_id: int = Field(default=0, ge=0, le=wire.INT64_MAX)
+    category_l1: int = Field(default=0, ge=0, le=wire.INT64_MAX)
+    brand_id: int = Field(default=0, ge=0, le=wire.INT64_MAX)
+    price_micros: int = Field(default=0, ge=0, le=wire.MAX_MICROS)
     price_bucket: int = Field(default=0, ge=0, le=9)
     bid_type: str = Field(default="cpc", pattern="^(cpc|ocpa)$")
-    bid_micros: int = Field(default=0, ge=0)
-    target_cpa_micros: int = Field(default=0, ge=0)
+    bid_micros: int = Field(default=0, ge=0, le=wire.MAX_MICROS)
+    target_cpa_micros: int = Field(default=0, ge=0, le=wire.MAX_MICROS)
     scenes: list[str] = Field(min_length=1)
     creative_id: str = Field(default="", max_length=256)
     status: str = Field(default="active", pattern="^(active|paused)$")
 
 
 class AdPatch(wire.WireModel):
-    bid_micros: int | None = Field(default=None, ge=0)
-    target_cpa_micros: int | None = Field(default=None, ge=0)
+    bid_micros: int | None = Field(default=None, ge=0, le=wire.MAX_MICROS)
+    target_cpa_micros: int | None = Field(default=None, ge=0, le=wire.MAX_MICROS)
     scenes: list[str] | None = Field(default=None, min_length=1)
     status: str | None = Field(default=None, pattern="^(active|paused)$")
     creative_id: str | None = Field(default=None, max_length=256)

@@ -25,7 +25,7 @@ from services.common.admission import AdmissionMiddleware, arrived
 from services.common.config import Settings
 from services.common.events import EventLogUnavailable
 from services.common.stage_app import HttpError, error_response, json_response, read_body
-from services.common.telemetry import METRICS_CONTENT_TYPE
+from services.common.telemetry import METRICS_CONTENT_TYPE, METRICS_ROUTE, READYZ_ROUTE
 from services.gateway.health import GatewayHealth
 from services.gateway.service import EventRejected, Gateway
 
@@ -179,12 +179,12 @@ def create_app(gateway: Gateway, *, start: bool = True) -> FastAPI:
     gateway.health = health
     app.state.health = health
 
-    @app.get("/readyz")
+    @app.get("/readyz", **READYZ_ROUTE)
     async def readyz() -> Response:
         ok, body = await health.check()
         return json_response(200 if ok else 503, body)
 
-    @app.get("/metrics")
+    @app.get("/metrics", **METRICS_ROUTE)
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
