@@ -148,6 +148,7 @@ def test_two_gateways_two_ranks_under_load_count_every_event_once(tmp_path, tiny
             commands = _redis_commands(state["redis_url"])
             summary = _bench(state, tmp_path / label / "bench.json", tiny_data,
                              KEYS["CASCADE_API_KEY"])
+            commands = _redis_commands(state["redis_url"]) - commands  # during the runs
             fed = summary["with_feedback"]
             assert summary["error_rate"] == 0 and fed["error_rate"] == 0, summary
             assert summary["gateways"] == len(gateways)
@@ -165,7 +166,6 @@ def test_two_gateways_two_ranks_under_load_count_every_event_once(tmp_path, tiny
             time.sleep(1.0)  # a double count would show as more than accepted
             after = _qscore_totals(state["redis_url"], ad_ids)
             assert after == expected, (before, after, accepted, refused)
-            commands = _redis_commands(state["redis_url"]) - commands
             answered = summary["answered"] + fed["answered"]
             consumers = _stream_consumers(state["redis_url"])
             # every gateway process reads the one stream through the one group
