@@ -164,3 +164,25 @@ async def test_two_replicas_share_calls_skip_a_stopped_one_and_both_get_updates(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_a_new_dns_answer_adds_and_retires_replicas_keeping_known_breakers() -> None:
+    stage = HttpStage("rank", "http://10.0.0.1:8003,http://10.0.0.2:8003", "/v1/rank",
+                      wire.RankResponse, breaker=BreakerConfig(failures=1, open_s=60.0))
+    try:
+        first, second = stage.replicas
+        second.breaker.before_call()
+        second.breaker.failure()  # open
+        # what a re-resolution applies when a pod left and another arrived
+        stage._apply(["http://10.0.0.2:8003", "http://10.0.0.3:8003"])
+        assert [r.url for r in stage.replicas] == ["http://10.0.0.2:8003",
+                                                   "http://10.0.0.3:8003"]
+        assert stage.replicas[0] is second and second.breaker.state == OPEN
+        assert stage._retired == [first]
+        await stage.refresh()  # an idle retired replica's connections are closed
+        assert stage._retired == [] and first.client.is_closed
+        # the open replica is skipped: the call goes to the new one
+        assert stage._pick() is stage.replicas[1]
+    finally:
+        await stage.close()
