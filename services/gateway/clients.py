@@ -437,6 +437,7 @@ class HttpStage(Generic[Req, Resp]):
 
     async def ready(self) -> bool:
         """Ready while any replica is: the others are skipped by their breakers."""
+        self._maybe_refresh()  # a gateway that started before its stages' pods learns them
         async def one(replica: Replica) -> bool:
             try:
                 reply = await replica.client.get("/readyz", timeout=2.0)
