@@ -40,8 +40,10 @@ def _stack_ports(state: dict) -> tuple[int, ...]:
 def bench_e2e(
     out: Path = typer.Option(..., help="Summary JSON; requests.csv, Locust CSV/HTML and the "
                              "plot beside it."),
-    url: str | None = typer.Option(None, help="Gateway URL (default: the running `cascade "
-                                   "stack`, else http://127.0.0.1:8000)."),
+    url: str | None = typer.Option(None, help="Gateway URL, or several comma-separated (the "
+                                   "load goes to each in turn; CPU sums over all) (default: "
+                                   "the running `cascade stack`'s gateways, else "
+                                   "http://127.0.0.1:8000)."),
     rps: float = typer.Option(150.0, help="Offered ad requests per second (first step with "
                               "--step)."),
     seconds: float = typer.Option(60.0, help="Duration of the run (of each step with --step)."),
@@ -89,10 +91,15 @@ def bench_e2e(
     api_key = (os.environ.get("CASCADE_API_KEY")
                or state.get("secrets", {}).get("CASCADE_API_KEY") or "")
     stack_urls = state.get("urls", {})
-    target = url or stack_urls.get("gateway") or "http://127.0.0.1:8000"
-    if urlsplit(target).hostname not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo("note: the target is not local; server CPU is read only from local processes")
-    in_stack = target == stack_urls.get("gateway")
+    stack_gateways = ",".join(state.get("gateways") or
+                              ([stack_urls["gateway"]] if "gateway" in stack_urls else []))
+    target = url or stack_gateways or "http://127.0.0.1:8000"
+    targets = [u.strip() for u in target.split(",") if u.strip()]
+    if not targets or any(not urlsplit(u).scheme or not urlsplit(u).hostname for u in targets):
+        raise CliError(f"bench e2e: --url {target!r}: expected http://HOST:PORT[,http://...]")
+    if any(urlsplit(u).hostname not in ("127.0.0.1", "localhost", "::1") for u in targets):
+        typer.echo("note: a target is not local; server CPU is read only from local processes")
+    in_stack = set(targets) <= {u for n, u in stack_urls.items() if n.startswith("gateway")}
     # Against the running stack, also scrape the stage services (their own handling times fill
     # in stages the gateway does not time itself) and count every stack process's CPU.
     cfg = LoadConfig(

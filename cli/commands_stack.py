@@ -10,6 +10,7 @@ import typer
 from cli.main import app
 from services.stack.compose import ComposeError
 from services.stack.launcher import Stack, StackError, default_compose_file
+from services.stack.plan import parse_replicas
 
 stack_app = typer.Typer(help="Run the compose stack as local processes (no Docker needed).",
                         no_args_is_help=True)
@@ -30,22 +31,29 @@ def up(
     compose_file: Path | None = typer.Option(None, "--compose", help="Compose file to mirror."),
     free_ports: bool = typer.Option(False, help="Listen on free ports, not the compose ports."),
     timeout: float = typer.Option(180.0, help="Seconds each service may take to become ready."),
+    replicas: str = typer.Option("", help="Run services as several processes, e.g. "
+                                 "rank=2,gateway=2 (ports 100 apart; the gateways share Redis "
+                                 "and spread stage calls over the replicas)."),
 ) -> None:
     """Start every service of docker-compose.yml; return once all answer /readyz."""
+    try:
+        counts = parse_replicas(replicas)
+    except ValueError as exc:
+        raise StackError(f"stack up: {exc}") from None
     try:
         state = Stack(run_dir).up(
             compose_file or default_compose_file(),
             bundle=bundle or os.environ.get("CASCADE_BUNDLE") or None,
             data=data or os.environ.get("CASCADE_DATA") or None,
             redis_url=redis_url or os.environ.get("REDIS_URL") or None,
-            free_ports=free_ports, timeout_s=timeout, say=typer.echo,
+            free_ports=free_ports, timeout_s=timeout, say=typer.echo, replicas=counts,
         )
     except ComposeError as exc:
         raise StackError(f"stack up: {exc}") from None
     except StackError as exc:
         raise StackError(f"stack up: {exc}") from None
-    gateway = state.get("urls", {}).get("gateway")
-    typer.echo(f"stack ready: gateway {gateway}, state {Path(run_dir) / 'state.json'}")
+    gateways = ",".join(state.get("gateways") or [])
+    typer.echo(f"stack ready: gateway {gateways}, state {Path(run_dir) / 'state.json'}")
     if state.get("secrets"):
         names = ", ".join(sorted(state["secrets"]))
         typer.echo(f"generated {names} for this stack (kept in the state file)")

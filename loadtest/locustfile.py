@@ -13,12 +13,15 @@ Environment: CASCADE_DATA, CASCADE_API_KEY, CASCADE_LOAD_SCHEDULE (JSON from loa
 CASCADE_LOAD_RECORDS (requests.csv to write), CASCADE_LOAD_TIMEOUT_S (per request, 10),
 CASCADE_LOAD_SERVER_PIDS (comma-separated: processes whose CPU the run reads), CASCADE_LOAD_ZIPF,
 CASCADE_LOAD_SCENES, CASCADE_LOAD_FEEDBACK (share of answers that report events, 0.0),
+CASCADE_LOAD_TARGETS (comma-separated gateway URLs: requests go to each in turn, as a load
+balancer in front of several gateways would send them; default: Locust's --host),
 CASCADE_LOAD_SEED (0), CASCADE_LOAD_SIDECAR (JSON written at exit), CASCADE_LOAD_METRICS_START +
 CASCADE_LOAD_METRICS_URLS (save the services' /metrics just before the schedule starts).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -37,6 +40,8 @@ from loadtest.report import scrape_all  # noqa: E402
 from loadtest.traffic import Traffic, degraded_stages, feedback_events  # noqa: E402
 
 ADS_NAME = "/v1/ads"
+TURNS = itertools.count()  # one greenlet runs at a time: no lock needed
+TARGETS = [u.rstrip("/") for u in os.environ.get("CASCADE_LOAD_TARGETS", "").split(",") if u]
 LEAD_S = 0.3  # between the start readings and the first due time
 TRAFFIC: Traffic | None = None
 
@@ -152,6 +157,13 @@ class AdFrontend(FastHttpUser):
         self.headers = {"X-API-Key": os.environ.get("CASCADE_API_KEY", ""),
                         "Content-Type": "application/json"}
 
+    @staticmethod
+    def _url(path: str) -> str:
+        """`path` on the next gateway in turn (several targets), else on Locust's host."""
+        if len(TARGETS) < 2:
+            return path
+        return TARGETS[next(TURNS) % len(TARGETS)] + path
+
     @task
     def next_due_request(self) -> None:
         schedule, traffic = SCHEDULE, TRAFFIC
@@ -177,8 +189,8 @@ class AdFrontend(FastHttpUser):
         schedule.max_in_flight = max(schedule.max_in_flight, schedule.in_flight)
         slots: list = []
         try:
-            with self.client.post("/v1/ads", json=payload, headers=self.headers, name=ADS_NAME,
-                                  catch_response=True) as response:
+            with self.client.post(self._url("/v1/ads"), json=payload, headers=self.headers,
+                                  name=ADS_NAME, catch_response=True) as response:
                 record.done_s = schedule.now()
                 record.status = response.status_code or UNANSWERED
                 # Locust's own report also counts from the due time, not the send.
@@ -206,9 +218,10 @@ class AdFrontend(FastHttpUser):
             return
         for kind, token in feedback_events(slots, traffic.rng):
             traffic.counts[kind] += 1
-            with self.client.post("/v1/events", name=f"event:{kind}", headers=self.headers,
-                                  json={"event_id": traffic.next_id(), "token": token,
-                                        "type": kind}, catch_response=True) as response:
+            event = {"event_id": traffic.next_id(), "token": token, "type": kind}
+            with self.client.post(self._url("/v1/events"), name=f"event:{kind}",
+                                  headers=self.headers, json=event,
+                                  catch_response=True) as response:
                 if response.status_code != 200:
                     traffic.counts["event_failures"] += 1
                     response.failure(f"HTTP {response.status_code}")

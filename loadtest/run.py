@@ -39,7 +39,7 @@ LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 class LoadConfig:
     """One load run's knobs (the CLI fills it; the defaults are the contract's load test)."""
 
-    url: str
+    url: str  # a gateway, or several comma-separated (requests go to each in turn)
     out: Path  # the summary JSON; Locust's CSV/HTML, requests.csv and the plot go beside it
     api_key: str
     data: str  # marketplace dir holding users.parquet
@@ -63,12 +63,21 @@ class LoadConfig:
     ceiling_workers: int = 0  # 0: as many as the target's uvicorn runs
 
     @property
+    def targets(self) -> tuple[str, ...]:
+        """The gateways the load is spread over."""
+        targets = tuple(u.strip().rstrip("/") for u in self.url.split(",") if u.strip())
+        if not targets:
+            raise ValueError(f"no gateway URL in {self.url!r}")
+        return targets
+
+    @property
     def scraped(self) -> tuple[str, ...]:
-        return self.metrics_urls or (self.url,)
+        return self.metrics_urls or self.targets
 
     @property
     def ports(self) -> tuple[int, ...]:
-        return self.server_ports or (urlsplit(self.url).port or 80,)
+        """Whose listeners' CPU counts: every gateway's (their CPU sums)."""
+        return self.server_ports or tuple(urlsplit(u).port or 80 for u in self.targets)
 
     @property
     def users(self) -> int:
@@ -81,7 +90,7 @@ def locust_command(cfg: LoadConfig, prefix: Path) -> list[str]:
     limit = math.ceil(cfg.seconds + cfg.timeout_s + 15 + users / 1000)
     return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
             "-u", str(users), "-r", str(users), "-t", f"{limit}s",
-            "--host", cfg.url, "--csv", str(prefix), "--html", f"{prefix}.html",
+            "--host", cfg.targets[0], "--csv", str(prefix), "--html", f"{prefix}.html",
             "--reset-stats", "--only-summary", "--loglevel", "WARNING"]
 
 
@@ -121,6 +130,7 @@ def run_once(cfg: LoadConfig, run_dir: Path, feedback: float = 0.0) -> dict:
            "CASCADE_LOAD_SCHEDULE": str(run_dir / "schedule.json"),
            "CASCADE_LOAD_RECORDS": str(records_csv), "CASCADE_LOAD_SIDECAR": str(sidecar),
            "CASCADE_LOAD_TIMEOUT_S": str(cfg.timeout_s),
+           "CASCADE_LOAD_TARGETS": ",".join(cfg.targets),
            "CASCADE_LOAD_SERVER_PIDS": ",".join(map(str, sorted(pids))),
            "CASCADE_LOAD_METRICS_START": str(metrics_start),
            "CASCADE_LOAD_METRICS_URLS": ",".join(cfg.scraped)}
@@ -241,7 +251,7 @@ def uvicorn_workers(port: int) -> int:
 
 
 def run_ceiling(cfg: LoadConfig, say: Callable[[str], None]) -> dict:
-    workers = cfg.ceiling_workers or uvicorn_workers(urlsplit(cfg.url).port or 80)
+    workers = cfg.ceiling_workers or uvicorn_workers(urlsplit(cfg.targets[0]).port or 80)
     with CeilingServer(workers=workers) as server:
         ceiling_cfg = replace(cfg, url=server.url, metrics_urls=(), server_ports=(),
                               server_pids=(server.pid,), feedback=0.0, ceiling=False)
@@ -258,7 +268,9 @@ def run_load(cfg: LoadConfig, say: Callable[[str], None] = print) -> dict:
                                 "the server serves)")
     started = time.time()
     summary = measure(cfg, cfg.out.parent, say)
-    summary["server_workers"] = uvicorn_workers(urlsplit(cfg.url).port or 80)
+    summary["server_workers"] = sum(uvicorn_workers(urlsplit(u).port or 80)
+                                    for u in cfg.targets)
+    summary["gateways"] = len(cfg.targets)
     if cfg.ceiling:
         summary["ceiling"] = run_ceiling(cfg, say)
         summary["vs_ceiling"] = compare_to_ceiling(summary, summary["ceiling"])

@@ -83,3 +83,33 @@ class CircuitBreaker:
         self._probing = False
         if self._state == HALF_OPEN:
             self._state = OPEN  # let the next call probe (the open time has already passed)
+
+
+class BreakerGroup:
+    """The breakers of one stage's replicas, read as one: what /readyz and the gauges show.
+
+    The stage is OPEN (skipped, the cascade falls back) only when every replica's breaker is
+    open; one closed replica keeps it CLOSED, since calls go to that one.
+    """
+
+    def __init__(self, breakers: Callable[[], list[CircuitBreaker]]) -> None:
+        self._breakers = breakers
+
+    @property
+    def state(self) -> str:
+        states = {b.state for b in self._breakers()}
+        if not states or CLOSED in states:
+            return CLOSED
+        return HALF_OPEN if HALF_OPEN in states else OPEN
+
+    @property
+    def opened(self) -> int:
+        return sum(b.opened for b in self._breakers())
+
+    @property
+    def rejected(self) -> int:
+        return sum(b.rejected for b in self._breakers())
+
+    def states(self) -> dict[str, str]:
+        """Each replica's breaker state, by replica name (its URL)."""
+        return {b.name: b.state for b in self._breakers()}

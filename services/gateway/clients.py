@@ -6,11 +6,21 @@ decides what a failure means (skip the stage, keep the previous order). Two impl
 - `LocalStage`: the stage's state object in this process (`state.handle(request, deadline)`),
   run on a small thread pool so faiss/torch never block the event loop. The state is held by
   reference and swapped whole on reload, so in-flight calls finish on the old bundle.
-- `HttpStage`: one `httpx.AsyncClient` per stage with pooled keep-alive connections, protobuf
-  bodies (candidate lists are packed bytes), the remaining budget in `X-Cascade-Budget-Ms`, and
-  a timeout equal to that remaining budget. A circuit breaker (services/gateway/breaker.py)
-  stops calling a stage after a few consecutive failures or timeouts and probes it again, so a
-  hung stage costs each request nothing instead of its whole budget.
+- `HttpStage`: the stage's replicas over HTTP, each with its own `httpx.AsyncClient` (pooled
+  keep-alive connections), protobuf bodies (candidate lists are packed bytes), the remaining
+  budget in `X-Cascade-Budget-Ms`, and a timeout equal to that remaining budget. A circuit
+  breaker per replica (services/gateway/breaker.py) stops calling a replica after a few
+  consecutive failures or timeouts and probes it again, so a hung replica costs each request
+  nothing instead of its whole budget.
+
+Replicas (`CASCADE_RANK_URL=http://a:8003,http://b:8003`, or one DNS name such as a Kubernetes
+headless Service, `http://rank-headless:8003`, re-resolved every `resolve_s` so autoscaled pods
+get traffic): the balancing is client-side because keep-alive connections to one ClusterIP stick
+to whichever pod answered first. Each call goes to the replica with the fewest calls in flight
+(ties in turn): unlike round-robin it steers around a slow replica (a noisy neighbour, a CPU pod
+beside GPU ones) at the cost of one counter per replica. A replica whose breaker is open is
+skipped; when all are, the call raises `StageSkipped` and the cascade's fallback applies.
+Catalog updates and reloads go to every replica (the set re-resolved first).
 
 A thread cannot be cancelled, so a hung in-process stage keeps its worker thread until its own
 deadline check lets it go; the cascade stops waiting at the deadline either way.
@@ -19,10 +29,15 @@ deadline check lets it go; the cascade stops waiting at the deadline either way.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
+import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.to_thread
@@ -31,10 +46,15 @@ import httpx
 from services.common import wire
 from services.common.bundle_guard import bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
-from services.gateway.breaker import BreakerConfig, BreakerOpen, CircuitBreaker
+from services.gateway.breaker import BreakerConfig, BreakerGroup, BreakerOpen, CircuitBreaker
 
 Req = TypeVar("Req", bound=wire.WireModel)
 Resp = TypeVar("Resp", bound=wire.WireModel)
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+RESOLVE_S = 5.0  # how often a stage's DNS name is resolved again (new or gone pods)
 
 
 class StageError(RuntimeError):
@@ -150,24 +170,159 @@ class LocalStage(Generic[Req, Resp]):
         return None
 
 
+def replica_urls(setting: str) -> list[str]:
+    """The URLs in a stage URL setting: one, or a comma-separated list (blanks ignored)."""
+    urls = [part.strip().rstrip("/") for part in setting.split(",") if part.strip()]
+    if not urls:
+        raise ValueError(f"no URL in stage setting {setting!r}")
+    return urls
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _with_host(url: str, ip: str) -> str:
+    parts = urlsplit(url)
+    host = f"[{ip}]" if ":" in ip else ip
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def pick_addresses(infos: list[tuple]) -> list[str]:
+    """Distinct addresses from getaddrinfo, IPv4 first-class: `localhost` gives ::1 and
+    127.0.0.1, and a server bound to 0.0.0.0 answers only the second."""
+    v4 = sorted({info[4][0] for info in infos if info[0] == socket.AF_INET})
+    v6 = sorted({info[4][0] for info in infos if info[0] == socket.AF_INET6})
+    return v4 or v6
+
+
+class Replica:
+    """One replica: its client, its breaker, and how many calls it has in flight."""
+
+    def __init__(self, name: str, url: str, limits: httpx.Limits,
+                 transport: httpx.AsyncBaseTransport | None, breaker: BreakerConfig | None) -> None:
+        self.url = url
+        self.breaker = CircuitBreaker(f"{name}@{url}", breaker)
+        self.in_flight = 0
+        self.client = httpx.AsyncClient(base_url=url, limits=limits, transport=transport,
+                                        timeout=10.0)
+
+
 class HttpStage(Generic[Req, Resp]):
-    """A stage behind HTTP: POST `path` with a protobuf body, pooled keep-alive connections."""
+    """A stage behind HTTP, over one or more replicas: POST `path` with a protobuf body."""
 
     def __init__(self, name: str, base_url: str, path: str, response: type[Resp], *,
                  admin_key: str | None = None, encoding: str = wire.PROTOBUF,
                  max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None,
-                 breaker: BreakerConfig | None = None) -> None:
+                 breaker: BreakerConfig | None = None, resolve_s: float = RESOLVE_S) -> None:
         self.name = name
         self.path = path
         self.response = response
         self.encoding = encoding
         self.admin_key = admin_key
-        self.breaker = CircuitBreaker(name, breaker)
-        limits = httpx.Limits(max_connections=max_connections,
-                              max_keepalive_connections=max_connections, keepalive_expiry=30.0)
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), limits=limits,
-                                         transport=transport, timeout=10.0)
+        self.resolve_s = resolve_s
+        self._breaker_config = breaker
+        self._transport = transport
+        self._limits = httpx.Limits(max_connections=max_connections,
+                                    max_keepalive_connections=max_connections,
+                                    keepalive_expiry=30.0)
+        self.targets = replica_urls(base_url)
+        # a DNS name is re-resolved (an injected transport, as in tests, has no DNS)
+        self._names = [u for u in self.targets
+                       if transport is None and not _is_ip(urlsplit(u).hostname or "")]
+        self.replicas: list[Replica] = []
+        self._retired: list[Replica] = []
+        self._turn = 0
+        self._resolved_at = time.monotonic()
+        self._resolving: asyncio.Task[None] | None = None
+        self._apply(self._resolve_blocking())
+        self.breaker = BreakerGroup(lambda: [r.breaker for r in self.replicas])
 
+    # ----- replica discovery ----------------------------------------------------------------
+    def _expand(self, url: str, addresses: list[str] | None) -> list[str]:
+        """A URL as the replicas it names: itself, or one URL per address it resolves to."""
+        if url not in self._names or not addresses:
+            return [url]  # an IP, or a name that did not resolve (httpx tries it per call)
+        return [_with_host(url, ip) for ip in addresses]
+
+    def _resolve_blocking(self) -> list[str]:
+        urls: list[str] = []
+        for url in self.targets:
+            addresses = None
+            if url in self._names:
+                parts = urlsplit(url)
+                try:
+                    addresses = pick_addresses(socket.getaddrinfo(
+                        parts.hostname, parts.port or 80, type=socket.SOCK_STREAM))
+                except OSError:
+                    addresses = None
+            urls.extend(self._expand(url, addresses))
+        return urls
+
+    async def _resolve(self) -> list[str] | None:
+        loop = asyncio.get_running_loop()
+        urls: list[str] = []
+        for url in self.targets:
+            addresses = None
+            if url in self._names:
+                parts = urlsplit(url)
+                try:
+                    addresses = pick_addresses(await loop.getaddrinfo(
+                        parts.hostname, parts.port or 80, type=socket.SOCK_STREAM))
+                except OSError:
+                    return None  # DNS trouble: keep the replicas we have
+            urls.extend(self._expand(url, addresses))
+        return urls
+
+    def _apply(self, urls: list[str]) -> None:
+        """Serve `urls` from now on: new replicas join, gone ones retire (closed when idle)."""
+        current = {r.url: r for r in self.replicas}
+        wanted = list(dict.fromkeys(urls))
+        if wanted == list(current):
+            return
+        self.replicas = [current.get(u) or Replica(self.name, u, self._limits, self._transport,
+                                                   self._breaker_config) for u in wanted]
+        self._retired.extend(r for u, r in current.items() if u not in set(wanted))
+        if self.replicas:
+            log.info("%s: replicas %s", self.name, [r.url for r in self.replicas])
+
+    async def refresh(self) -> None:
+        """Re-resolve the DNS names now (also what a stale set triggers in the background)."""
+        if self._names:
+            urls = await self._resolve()
+            if urls:
+                self._apply(urls)
+        self._resolved_at = time.monotonic()
+        for replica in [r for r in self._retired if r.in_flight == 0]:
+            self._retired.remove(replica)
+            await replica.client.aclose()
+
+    def _maybe_refresh(self) -> None:
+        if (self._names and time.monotonic() - self._resolved_at >= self.resolve_s
+                and (self._resolving is None or self._resolving.done())):
+            self._resolved_at = time.monotonic()
+            self._resolving = asyncio.get_running_loop().create_task(self.refresh())
+
+    def _pick(self) -> Replica:
+        """The replica with the fewest calls in flight whose breaker lets a call through."""
+        replicas = self.replicas
+        count = len(replicas)
+        start, self._turn = self._turn, (self._turn + 1) % max(count, 1)
+        order = sorted(range(count), key=lambda i: (replicas[i].in_flight, (i - start) % count))
+        for i in order:
+            try:
+                replicas[i].breaker.before_call()
+            except BreakerOpen:
+                continue
+            return replicas[i]
+        raise StageSkipped(f"{self.name}: circuit breaker open on all {count} replica(s)")
+
+    # ----- the request path -----------------------------------------------------------------
     def _admin_headers(self) -> dict[str, str]:
         """The internal key (CASCADE_INTERNAL_KEY): stage services refuse calls without it."""
         return {"X-API-Key": self.admin_key} if self.admin_key else {}
@@ -176,50 +331,73 @@ class HttpStage(Generic[Req, Resp]):
         remaining = deadline.remaining_s()
         if remaining <= 0:
             raise DeadlineExceeded(f"{self.name}: no budget left to call")
+        self._maybe_refresh()
+        replica = self._pick()
+        replica.in_flight += 1
         try:
-            self.breaker.before_call()
-        except BreakerOpen as exc:
-            raise StageSkipped(str(exc)) from None
-        try:
-            response = await self._call(request, deadline, remaining)
+            response = await self._call(replica, request, deadline, remaining)
         except Exception:  # refused, unreachable, timed out, or an undecodable answer
-            self.breaker.failure()
+            replica.breaker.failure()
             raise
         except asyncio.CancelledError:  # the cascade stopped waiting: at its deadline, a failure
             if deadline.expired:
-                self.breaker.failure()
+                replica.breaker.failure()
             else:
-                self.breaker.release()
+                replica.breaker.release()
             raise
-        self.breaker.success()
+        finally:
+            replica.in_flight -= 1
+        replica.breaker.success()
         return response
 
-    async def _call(self, request: Req, deadline: Deadline, remaining: float) -> Resp:
+    async def _call(self, replica: Replica, request: Req, deadline: Deadline,
+                    remaining: float) -> Resp:
         headers = {"Content-Type": self.encoding, "Accept": self.encoding, **deadline.header(),
                    **self._admin_headers()}
         try:
-            reply = await self._client.post(self.path, content=wire.encode(request, self.encoding),
-                                            headers=headers,
-                                            timeout=None if remaining == float("inf")
-                                            else remaining)
+            reply = await replica.client.post(
+                self.path, content=wire.encode(request, self.encoding), headers=headers,
+                timeout=None if remaining == float("inf") else remaining)
         except httpx.TimeoutException as exc:
             raise DeadlineExceeded(f"{self.name}: no answer within the budget") from exc
         except httpx.HTTPError as exc:
-            raise StageError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            raise StageError(f"{self.name} ({replica.url}): {type(exc).__name__}: {exc}") from exc
         if reply.status_code != 200:
             raise StageError(f"{self.name}: HTTP {reply.status_code}: {reply.text[:200]}")
         return wire.decode(self.response, reply.content, reply.headers.get("content-type"))
 
+    # ----- fan-out to every replica ---------------------------------------------------------
+    async def _each(self, send: Callable[[Replica], Awaitable[T]]) -> list[T]:
+        """`send` to every replica at once (the set re-resolved first, so new pods are in);
+        the first failure is raised once all have answered, naming the replica."""
+        await self.refresh()
+        replicas = list(self.replicas)
+        answers = await asyncio.gather(*(send(r) for r in replicas), return_exceptions=True)
+        for replica, answer in zip(replicas, answers, strict=True):
+            if isinstance(answer, StageError):
+                raise answer
+            if isinstance(answer, httpx.HTTPError):
+                raise StageError(f"{self.name} ({replica.url}): {type(answer).__name__}: "
+                                 f"{answer}") from answer
+            if isinstance(answer, BaseException):
+                raise answer
+        return list(answers)  # type: ignore[arg-type]
+
     async def update(self, update: wire.CatalogUpdate) -> wire.CatalogUpdateResponse | None:
-        reply = await self._client.post("/admin/ads", content=wire.encode(update),
-                                         headers={"Content-Type": wire.JSON,
-                                                  **self._admin_headers()})
-        if reply.status_code == 404:  # a stage without catalog updates
-            return None
-        if reply.status_code != 200:
-            raise StageError(f"{self.name}: /admin/ads HTTP {reply.status_code}: "
-                             f"{reply.text[:200]}")
-        return wire.decode(wire.CatalogUpdateResponse, reply.content, wire.JSON)
+        body = wire.encode(update)
+
+        async def send(replica: Replica) -> wire.CatalogUpdateResponse | None:
+            reply = await replica.client.post("/admin/ads", content=body,
+                                              headers={"Content-Type": wire.JSON,
+                                                       **self._admin_headers()})
+            if reply.status_code == 404:  # a stage without catalog updates
+                return None
+            if reply.status_code != 200:
+                raise StageError(f"{self.name} ({replica.url}): /admin/ads HTTP "
+                                 f"{reply.status_code}: {reply.text[:200]}")
+            return wire.decode(wire.CatalogUpdateResponse, reply.content, wire.JSON)
+
+        return (await self._each(send))[0]
 
     async def reload(self, bundle: str | None) -> wire.ReloadResponse:
         return await self._admin("/admin/reload", bundle)
@@ -231,29 +409,46 @@ class HttpStage(Generic[Req, Resp]):
         return await self._admin("/admin/reload/commit", None)
 
     async def abort(self) -> None:
-        reply = await self._client.post("/admin/reload/abort", headers=self._admin_headers())
-        if reply.status_code != 200:
-            raise StageError(f"{self.name}: abort HTTP {reply.status_code}: {reply.text[:200]}")
+        async def send(replica: Replica) -> None:
+            reply = await replica.client.post("/admin/reload/abort",
+                                              headers=self._admin_headers())
+            if reply.status_code != 200:
+                raise StageError(f"{self.name} ({replica.url}): abort HTTP "
+                                 f"{reply.status_code}: {reply.text[:200]}")
+
+        await self._each(send)
 
     async def rollback(self) -> wire.ReloadResponse:
         return await self._admin("/admin/reload/rollback", None)
 
     async def _admin(self, path: str, bundle: str | None) -> wire.ReloadResponse:
         body = wire.encode(wire.ReloadRequest(bundle=bundle or ""))
-        reply = await self._client.post(path, content=body, timeout=300.0,
-                                        headers={"Content-Type": wire.JSON,
-                                                 **self._admin_headers()})
-        if reply.status_code != 200:
-            raise StageError(f"{self.name}: {path} HTTP {reply.status_code}: "
-                             f"{reply.text[:200]}")
-        return wire.decode(wire.ReloadResponse, reply.content, wire.JSON)
+
+        async def send(replica: Replica) -> wire.ReloadResponse:
+            reply = await replica.client.post(path, content=body, timeout=300.0,
+                                              headers={"Content-Type": wire.JSON,
+                                                       **self._admin_headers()})
+            if reply.status_code != 200:
+                raise StageError(f"{self.name} ({replica.url}): {path} HTTP "
+                                 f"{reply.status_code}: {reply.text[:200]}")
+            return wire.decode(wire.ReloadResponse, reply.content, wire.JSON)
+
+        return (await self._each(send))[0]
 
     async def ready(self) -> bool:
-        try:
-            reply = await self._client.get("/readyz", timeout=2.0)
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200
+        """Ready while any replica is: the others are skipped by their breakers."""
+        self._maybe_refresh()  # a gateway that started before its stages' pods learns them
+        async def one(replica: Replica) -> bool:
+            try:
+                reply = await replica.client.get("/readyz", timeout=2.0)
+            except httpx.HTTPError:
+                return False
+            return reply.status_code == 200
+
+        return any(await asyncio.gather(*(one(r) for r in self.replicas)))
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._resolving is not None and not self._resolving.done():
+            self._resolving.cancel()
+        for replica in [*self.replicas, *self._retired]:
+            await replica.client.aclose()

@@ -10,7 +10,7 @@ mount's host directory, `${CASCADE_API_KEY:?...}` is looked up in the host envir
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,10 +193,14 @@ def is_redis(service: ComposeService) -> bool:
     return not service.build and (service.image or "").split(":")[0].split("/")[-1] == "redis"
 
 
-def translate_value(value: str, *, mounts: tuple[Mount, ...], local_ports: Mapping[str, int],
-                    redis_service: str | None, redis_url: str, host_env: Mapping[str, str],
-                    base_dir: Path) -> str:
-    """Turn a container-side value (URL, path) into the host-side value a local process needs."""
+def translate_value(value: str, *, mounts: tuple[Mount, ...],
+                    local_ports: Mapping[str, int | Sequence[int]], redis_service: str | None,
+                    redis_url: str, host_env: Mapping[str, str], base_dir: Path) -> str:
+    """Turn a container-side value (URL, path) into the host-side value a local process needs.
+
+    A service run as several replicas (`local_ports` lists their ports) becomes the
+    comma-separated list of their URLs, which the gateway spreads its calls over.
+    """
     value = interpolate(value, host_env)
     url = _URL.match(value)
     if url:
@@ -204,7 +208,10 @@ def translate_value(value: str, *, mounts: tuple[Mount, ...], local_ports: Mappi
         if host == redis_service:
             return redis_url
         if host in local_ports:
-            return f"{url.group('scheme')}://127.0.0.1:{local_ports[host]}{url.group('rest')}"
+            ports = local_ports[host]
+            ports = [ports] if isinstance(ports, int) else list(ports)
+            return ",".join(f"{url.group('scheme')}://127.0.0.1:{port}{url.group('rest')}"
+                            for port in ports)
     for mount in sorted(mounts, key=lambda m: len(m.target), reverse=True):
         if value == mount.target or value.startswith(mount.target.rstrip("/") + "/"):
             source = Path(interpolate(mount.source, host_env))

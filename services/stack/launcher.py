@@ -126,9 +126,13 @@ class Stack:
     # ----- up -------------------------------------------------------------------------------
     def up(self, compose_file: str | Path, *, bundle: str | None = None, data: str | None = None,
            redis_url: str | None = None, free_ports: bool = False, timeout_s: float = 180.0,
-           host_env: Mapping[str, str] | None = None,
+           host_env: Mapping[str, str] | None = None, replicas: Mapping[str, int] | None = None,
            say: Callable[[str], None] = lambda line: None) -> dict:
-        """Start the stack and return its state once every service answers its readiness probe."""
+        """Start the stack and return its state once every service answers its readiness probe.
+
+        `replicas` ({"rank": 2, "gateway": 2}) runs those services as several processes; every
+        gateway shares the one Redis, and `state["gateways"]` lists their URLs.
+        """
         host_env = dict(os.environ if host_env is None else host_env)
         alive = [p.name for p in self.processes() if is_ours(p)]
         if alive:
@@ -139,15 +143,17 @@ class Stack:
                        "processes": [], "own_redis": redis_url is None}
         # Check the plan (paths, ports) before starting anything, then plan for the real Redis.
         self._plan(compose_file, redis_url or "redis://127.0.0.1:1/0", host_env, bundle, data,
-                   free_ports, load_store=state["own_redis"])
+                   free_ports, load_store=state["own_redis"], replicas=replicas)
         try:
             if redis_url is None:
                 redis_url = self._start_redis(state, say)
             state["redis_url"] = redis_url
             plan = self._plan(compose_file, redis_url, host_env, bundle, data, free_ports,
-                              load_store=state["own_redis"])
+                              load_store=state["own_redis"], replicas=replicas)
             state["secrets"] = plan.generated
             state["urls"] = {p.name: p.url for p in plan.processes if p.url}
+            state["gateways"] = [p.url for p in plan.processes if p.service == "gateway"]
+            state["replicas"] = dict(replicas or {})
             self._write_state(state)
             self._start_all(plan, state, host_env, timeout_s, say)
         except BaseException:
@@ -157,13 +163,14 @@ class Stack:
 
     def _plan(self, compose_file: str | Path, redis_url: str, host_env: dict[str, str],
               bundle: str | None, data: str | None, free_ports: bool,
-              load_store: bool) -> StackPlan:
+              load_store: bool, replicas: Mapping[str, int] | None = None) -> StackPlan:
         plan = plan_stack(compose_file, redis_url=redis_url, host_env=host_env, bundle=bundle,
-                          data=data, load_store=load_store)
+                          data=data, load_store=load_store, replicas=replicas)
         if free_ports:
             ports = {p.name: free_port() for p in plan.processes if p.port}
             plan = plan_stack(compose_file, redis_url=redis_url, host_env=host_env,
-                              bundle=bundle, data=data, ports=ports, load_store=load_store)
+                              bundle=bundle, data=data, ports=ports, load_store=load_store,
+                              replicas=replicas)
         for spec in plan.processes:
             bundle_path = spec.env.get("CASCADE_BUNDLE")
             if bundle_path and not Path(bundle_path).exists():

@@ -38,6 +38,7 @@ class ProcessSpec:
     depends_on: tuple[str, ...]
     oneshot: bool = False
     readiness_path: str | None = "/readyz"
+    service: str = ""  # the compose service it runs (several replicas share one)
 
     @property
     def url(self) -> str | None:
@@ -54,6 +55,26 @@ class StackPlan:
 
     def by_name(self) -> dict[str, ProcessSpec]:
         return {p.name: p for p in self.processes}
+
+
+REPLICA_PORT_STEP = 100  # replica i of a service listens on its compose port + 100 * i
+
+
+def parse_replicas(spec: str) -> dict[str, int]:
+    """`rank=2,gateway=2` -> {"rank": 2, "gateway": 2} (ValueError with a one-line reason)."""
+    counts: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, count = item.partition("=")
+        if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"--replicas: bad item {item!r} (expected SERVICE=N, N >= 1, e.g. "
+                             "rank=2,gateway=2)")
+        counts[name.strip()] = int(count)
+    return counts
+
+
+def replica_names(service: str, count: int) -> list[str]:
+    """Process names: the service's own name for one replica, `<service>-<i>` for several."""
+    return [service] if count == 1 else [f"{service}-{i}" for i in range(1, count + 1)]
 
 
 def cascade_argv(command: tuple[str, ...], python: str) -> tuple[str, ...]:
@@ -109,13 +130,17 @@ def _required_secrets(service: ComposeService, host_env: Mapping[str, str]) -> d
 def plan_stack(compose_file: str | Path, *, redis_url: str, host_env: Mapping[str, str],
                bundle: str | None = None, data: str | None = None,
                ports: Mapping[str, int] | None = None, load_store: bool = True,
+               replicas: Mapping[str, int] | None = None,
                python: str = sys.executable) -> StackPlan:
     """The processes `cascade stack up` runs for `compose_file`.
 
     - services under a profile (locust) are not part of the stack;
     - the Redis service is replaced by `redis_url`;
     - one-shot tasks that fill Redis (depend on it) run only when `load_store`;
-    - `ports` overrides a service's listening port (default: the compose file's);
+    - `replicas` runs a service as N processes (`rank-1`, `rank-2`, ...) on ports N x 100
+      apart, and a URL naming it becomes the comma-separated list of the replicas' URLs;
+    - `ports` overrides a process's listening port, by process name (default: the compose
+      file's, + 100 per replica);
     - `bundle` / `data` override CASCADE_BUNDLE / CASCADE_DATA and `--bundle` / `--data`.
     """
     compose_file = Path(compose_file).resolve()
@@ -130,7 +155,16 @@ def plan_stack(compose_file: str | Path, *, redis_url: str, host_env: Mapping[st
             raise ComposeError(f"service {service.name}: no `command:` to run locally")
         if not service.oneshot and service.port is None:
             raise ComposeError(f"service {service.name}: its command has no --port")
-    local_ports = {s.name: (ports or {}).get(s.name, s.port) for s in chosen if s.port}
+    counts = dict(replicas or {})
+    servers = [s.name for s in chosen if not s.oneshot]
+    unknown = sorted(set(counts) - set(servers))
+    if unknown:
+        raise ComposeError(f"--replicas: no service {', '.join(unknown)} to replicate "
+                           f"(choose from {', '.join(servers)})")
+    names = {s.name: replica_names(s.name, counts.get(s.name, 1)) for s in chosen}
+    local_ports = {s.name: [(ports or {}).get(n, s.port + REPLICA_PORT_STEP * i)
+                            for i, n in enumerate(names[s.name])]
+                   for s in chosen if s.port}
     env_in: dict[str, str] = dict(host_env)
     generated: dict[str, str] = {}
     for service in chosen:
@@ -160,13 +194,16 @@ def plan_stack(compose_file: str | Path, *, redis_url: str, host_env: Mapping[st
         if data is not None:
             _replace_option(argv, "--data", str(Path(data).resolve()))
         _replace_option(argv, "--host", "127.0.0.1")
-        if service.name in local_ports:
-            _replace_option(argv, "--port", str(local_ports[service.name]))
-        processes.append(ProcessSpec(
-            name=service.name, argv=tuple(argv), env=env, port=local_ports.get(service.name),
-            depends_on=tuple(d for d in service.depends_on if d in {s.name for s in chosen}),
-            oneshot=service.oneshot, readiness_path=service.readiness_path,
-        ))
+        depends = tuple(n for d in service.depends_on if d in names for n in names[d])
+        for i, name in enumerate(names[service.name]):
+            port = local_ports[service.name][i] if service.name in local_ports else None
+            if port is not None:
+                _replace_option(argv, "--port", str(port))
+            processes.append(ProcessSpec(
+                name=name, argv=tuple(argv), env=dict(env), port=port, depends_on=depends,
+                oneshot=service.oneshot, readiness_path=service.readiness_path,
+                service=service.name,
+            ))
     return StackPlan(processes=processes, redis_service=redis_service, generated=generated)
 
 
