@@ -201,7 +201,7 @@ def post_event(gp: GatewayProc, event_id: str, token: str, kind: str = "click",
 def clicks_applied(gp: GatewayProc, ad_ids: list[int]) -> int:
     client = gp.client()
     try:
-        return sum(int(client.hget(f"{PREFIX}qs:{a}", "clicks") or 0) for a in set(ad_ids))
+        return sum(int(client.hget(f"{PREFIX}qs:{{{a}}}", "clicks") or 0) for a in set(ad_ids))
     finally:
         client.close()
 
