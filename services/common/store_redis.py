@@ -422,6 +422,9 @@ class RedisStore:
     async def catalog_version(self) -> int:
         return int(await self.client.get(self.catalog_key("version")) or 0)
 
+    async def catalog_baseline(self) -> int:
+        return int(await self.client.get(self.catalog_key("bulk")) or 0)
+
     async def catalog_changes(self, since: int) -> CatalogChanges:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.catalog_key("version"))
