@@ -205,12 +205,14 @@ def sync_client(url: str) -> redis.Redis | redis.RedisCluster:
 
 def _unlink_prefix(client: redis.Redis | redis.RedisCluster, prefix: str) -> None:
     """Delete every key under `prefix` (on a cluster, node by node: keys of one UNLINK must
-    share a slot there, so they go one by one)."""
+    share a slot there, so each key gets its own, pipelined)."""
     if isinstance(client, redis.RedisCluster):
         for node in client.get_primaries():
             keys = list(client.scan_iter(match=prefix + "*", count=1000, target_nodes=node))
+            pipe = client.pipeline()  # one UNLINK per key, sent in one round trip per node
             for key in keys:
-                client.unlink(key)
+                pipe.unlink(key)
+            pipe.execute()
         return
     batch: list[str] = []
     for key in client.scan_iter(match=prefix + "*", count=1000):

@@ -144,6 +144,9 @@ class RedisStore:
         self.sequence_len = sequence_len
         self.chunk = chunk
         self.cluster = is_cluster(client)
+        if self.cluster and ("{" in prefix or "}" in prefix):
+            raise ValueError(f"on a Redis Cluster the key prefix {prefix!r} may not hold braces "
+                             f"(they would override the keys' own hash tags)")
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "cascade:",
