@@ -94,7 +94,7 @@ def redis_url() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop_cluster(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         proc.terminate()
     for proc in procs:
@@ -130,10 +130,12 @@ def _free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def start_cluster(workdir: str, masters: int = CLUSTER_MASTERS
+def start_cluster(workdir: str, masters: int = CLUSTER_MASTERS, *, appendonly: bool = False
                   ) -> tuple[str, list[subprocess.Popen]]:
     """Start `masters` cluster-enabled redis-servers and join them; (URL, processes).
 
+    `appendonly` runs them with `--appendonly yes --appendfsync always`, so a node killed and
+    started again (`restart_cluster_node`) comes back with every write it acknowledged.
     Raises RuntimeError (after stopping what it started) when the cluster does not form."""
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if server is None or cli is None:
@@ -147,7 +149,9 @@ def start_cluster(workdir: str, masters: int = CLUSTER_MASTERS
             procs.append(subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", os.path.join(node_dir, "nodes.conf"),
-                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", node_dir],
+                 "--save", "", "--daemonize", "no", "--dir", node_dir,
+                 *(["--appendonly", "yes", "--appendfsync", "always"] if appendonly
+                   else ["--appendonly", "no"])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 30
         for port, proc in zip(ports, procs, strict=True):
@@ -165,9 +169,28 @@ def start_cluster(workdir: str, masters: int = CLUSTER_MASTERS
                 raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.1)
     except BaseException:
-        _stop(procs)
+        stop_cluster(procs)
         raise
     return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports), procs
+
+
+def _port_of(proc: subprocess.Popen) -> int:
+    args = list(proc.args)  # type: ignore[arg-type]
+    return int(args[args.index("--port") + 1])
+
+
+def restart_cluster_node(procs: list[subprocess.Popen], i: int, timeout_s: float = 20) -> None:
+    """SIGKILL node `i` and start it again with the same arguments (port, nodes.conf, AOF);
+    returns once the cluster reports cluster_state:ok again."""
+    proc = procs[i]
+    proc.kill()
+    proc.wait()
+    procs[i] = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while not all(_cluster_ok(_port_of(p)) for p in procs):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cluster not ok {timeout_s} s after restarting node {i}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
@@ -182,7 +205,7 @@ def redis_cluster_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        _stop(procs)
+        stop_cluster(procs)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
