@@ -195,7 +195,12 @@ def restart_cluster_node(procs: list[subprocess.Popen], i: int, timeout_s: float
 
 @pytest.fixture(scope="session")
 def redis_cluster_url() -> Iterator[str]:
-    """URL (`redis+cluster://...`) of a real 3-master Redis Cluster for the whole session."""
+    """URL (`redis+cluster://...`) of a real 3-master Redis Cluster for the whole session:
+    REDIS_TEST_CLUSTER_URL when set (an existing cluster), else one started here."""
+    existing = os.environ.get("REDIS_TEST_CLUSTER_URL")
+    if existing:
+        yield existing
+        return
     workdir = tempfile.mkdtemp(prefix="cascade-cluster-")
     try:
         url, procs = start_cluster(workdir)
