@@ -184,13 +184,14 @@ class RedisStore:
         command in Python; packing with hiredis.pack_command and parsing with hiredis.Reader
         (both C), `redis-cli --pipe` style, makes a 1M-ad load a matter of seconds.
         """
-        if self.cluster:  # keys spread over nodes: the cluster pipeline groups them per node
-            return None
         pool = self.client.connection_pool
         cls = pool.connection_class
         if not issubclass(cls, aioredis.Connection) or issubclass(cls, aioredis.SSLConnection):
             return None
-        kw = pool.connection_kwargs
+        return await self._connect(pool.connection_kwargs)
+
+    async def _connect(self, kw: Mapping[str, Any]
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection(kw.get("host") or "localhost",
                                                        int(kw.get("port") or 6379))
         handshake: list[tuple[Any, ...]] = []
@@ -224,6 +225,8 @@ class RedisStore:
 
     async def _bulk(self, commands: Iterable[tuple[Any, ...]]) -> list[Any]:
         """Run many commands in chunks on one connection; returns every reply in order."""
+        if self.cluster:
+            return await self._bulk_cluster(list(commands))
         replies: list[Any] = []
         conn = await self._open_bulk()
         try:
@@ -239,6 +242,57 @@ class RedisStore:
             if conn is not None:
                 conn[1].close()
                 await conn[1].wait_closed()
+        return replies
+
+    async def _bulk_cluster(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The bulk protocol on a cluster: commands grouped by the node that owns their key
+        (every bulk command's key is its first argument), one raw connection per node, the
+        nodes in parallel; replies back in the commands' order.
+
+        A slot that moves meanwhile (resharding: MOVED / ASK) makes the whole batch rerun
+        through the cluster client's pipeline, which follows redirections; bulk batches are
+        idempotent (DEL before each write), so running one twice is harmless.
+        """
+        if not commands:
+            return []
+        await self.client.initialize()
+        if any(n.connection_class is not aioredis.Connection  # TLS: the client's own path
+               for n in self.client.get_nodes()):
+            return await self._bulk_pipelined(commands)
+        by_node: dict[str, list[int]] = {}
+        nodes: dict[str, Any] = {}
+        for i, cmd in enumerate(commands):
+            node = self.client.get_node_from_key(cmd[1])
+            nodes[node.name] = node
+            by_node.setdefault(node.name, []).append(i)
+        replies: list[Any] = [None] * len(commands)
+
+        async def run(name: str) -> None:
+            reader, writer = await self._connect(nodes[name].connection_kwargs)
+            try:
+                for chunk in _chunks(by_node[name], self.chunk):
+                    got = await self._exchange(reader, writer, [commands[i] for i in chunk])
+                    for i, reply in zip(chunk, got, strict=True):
+                        replies[i] = reply
+            finally:
+                writer.close()
+                await writer.wait_closed()
+
+        try:
+            await asyncio.gather(*(run(name) for name in by_node))
+        except aioredis.ResponseError as exc:
+            if not str(exc).startswith(("MOVED", "ASK")):
+                raise
+            return await self._bulk_pipelined(commands)
+        return replies
+
+    async def _bulk_pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        replies: list[Any] = []
+        for chunk in _chunks(commands, self.chunk):
+            pipe = self.client.pipeline(transaction=False)
+            for cmd in chunk:
+                pipe.execute_command(*cmd)
+            replies.extend(await pipe.execute())
         return replies
 
     # -- users -------------------------------------------------------------------------------
