@@ -430,7 +430,8 @@ class CatalogFollower:
         next_poll = 0.0
         while True:
             now = time.monotonic()
-            if not self.caught_up or now >= next_poll:
+            # a new state is caught up at once; after a failure, only at the next poll
+            if now >= next_poll or (not self.caught_up and self.error is None):
                 next_poll = now + self.follow.poll_s
                 try:
                     await self.sync()
