@@ -29,12 +29,16 @@ async def _load(settings: Settings, data: Path) -> str:
     from services.common.store_load import load_marketplace
     from services.common.store_redis import RedisStore
 
-    store = RedisStore.from_url(settings.redis_url or "", prefix=settings.redis_prefix,
-                                socket_connect_timeout=3)
+    try:
+        store = RedisStore.from_url(settings.redis_url or "", prefix=settings.redis_prefix,
+                                    socket_connect_timeout=3)
+    except ValueError as exc:  # a malformed redis+cluster:// URL
+        raise CliError(f"REDIS_URL {settings.redis_url_safe}: {exc}") from None
     try:
         try:
             await store.ping()
-        except (redis.exceptions.ConnectionError, OSError) as exc:
+        except (redis.exceptions.ConnectionError, redis.exceptions.RedisClusterException,
+                OSError) as exc:
             raise CliError(f"Redis at {settings.redis_url_safe} is unreachable: "
                            f"{redact_url(str(exc))}") from None
         with _progress() as bar:

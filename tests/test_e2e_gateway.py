@@ -202,17 +202,17 @@ def test_gateway_over_http_stages_and_redis(http_stack: dict[str, Any], redis_ur
     # duplicated impression counts once; the frequency cap (1/day here) then drops the campaign
     assert event(url, slot["token"], "impression", "imp-1")["accepted"]
     assert event(url, slot["token"], "impression", "imp-1")["duplicate"]
-    assert wait_for(lambda: client.hget(f"{prefix}qs:{slot['ad_id']}", "impressions") == "1")
+    assert wait_for(lambda: client.hget(f"{prefix}qs:{{{slot['ad_id']}}}", "impressions") == "1")
     time.sleep(0.5)
-    assert client.hget(f"{prefix}qs:{slot['ad_id']}", "impressions") == "1"
-    assert client.hget(f"{prefix}cap:5:{utc_day()}", str(slot["campaign_id"])) == "1"
+    assert client.hget(f"{prefix}qs:{{{slot['ad_id']}}}", "impressions") == "1"
+    assert client.hget(f"{prefix}cap:{{5}}:{utc_day()}", str(slot["campaign_id"])) == "1"
     again = ads(url, "5", "h2")
     assert slot["campaign_id"] not in {s["campaign_id"] for s in again["slots"]}
 
     # a click lands in the user's sequence, which the next ranking reads
     click_slot = again["slots"][0]
     assert event(url, click_slot["token"], "click", "clk-1")["accepted"]
-    assert wait_for(lambda: (client.lindex(f"{prefix}seq:5", 0) or "").startswith(
+    assert wait_for(lambda: (client.lindex(f"{prefix}seq:{{5}}", 0) or "").startswith(
         f"{click_slot['ad_id']}:"))
 
     # a hung rank stage (SIGSTOP): complete answer, rank degraded, far before any hang ends

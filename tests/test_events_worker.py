@@ -146,7 +146,7 @@ async def test_malformed_entry_is_acked_and_counted(redis_url, redis_prefix,
     try:
         worker = worker_for(store)
         await worker.events.ensure_group(worker.config.group)
-        redis_client.xadd(redis_prefix + "events", {"event_id": "x", "type": "click"})
+        redis_client.xadd(worker.events.keys[0], {"event_id": "x", "type": "click"})
         assert await worker.process_batch(10) == 1
         assert worker.stats.malformed == 1
         assert await worker.events.pending(worker.config.group) == 0

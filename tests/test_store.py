@@ -148,9 +148,9 @@ async def test_redis_reads_user_context_in_one_round_trip(redis_url, redis_prefi
     finally:
         await store.close()
     # The keys are the documented ones, under the test's prefix.
-    assert redis_client.type(f"{redis_prefix}user:42") == "hash"
-    assert redis_client.lrange(f"{redis_prefix}seq:42", 0, -1) == ["7:8"]
-    assert 0 < redis_client.ttl(f"{redis_prefix}cap:42:{DAY}") <= 2 * 86_400
+    assert redis_client.type(f"{redis_prefix}user:{{42}}") == "hash"
+    assert redis_client.lrange(f"{redis_prefix}seq:{{42}}", 0, -1) == ["7:8"]
+    assert 0 < redis_client.ttl(f"{redis_prefix}cap:{{42}}:{DAY}") <= 2 * 86_400
 
 
 async def test_make_store_picks_redis_only_when_url_set(redis_url) -> None:
@@ -240,7 +240,7 @@ def test_load_store_cli_fills_redis(redis_url, redis_prefix, redis_client, tmp_p
     assert code == 0, err
     assert "loaded 3 ads, 2 campaigns, 2 users, 2 sequences" in out
     assert redis_client.hget(f"{redis_prefix}ad:3", "status") == "paused"
-    assert redis_client.lrange(f"{redis_prefix}seq:1", 0, -1) == ["3:7", "2:6"]
+    assert redis_client.lrange(f"{redis_prefix}seq:{{1}}", 0, -1) == ["3:7", "2:6"]
 
 
 def test_load_store_cli_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:

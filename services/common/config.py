@@ -68,6 +68,8 @@ class Settings:
     torch_threads: int = 1  # CASCADE_TORCH_THREADS
     faiss_threads: int = 1  # CASCADE_FAISS_THREADS
     export_dir: str = "exports"  # CASCADE_EXPORT_DIR: /admin/export writes only under it
+    event_shards: int = 0  # CASCADE_EVENT_SHARDS: event streams; 0 -> 1 single, 8 on a cluster
+    catalog_poll_s: float = 1.0  # CASCADE_CATALOG_POLL_S: stages' catch-up poll (0: off)
     extra: dict[str, Any] = field(default_factory=dict)  # file-only settings for stages
 
     @classmethod
@@ -100,6 +102,8 @@ class Settings:
             "torch_threads": int(_env("CASCADE_TORCH_THREADS", "1") or 1),
             "faiss_threads": int(_env("CASCADE_FAISS_THREADS", "1") or 1),
             "export_dir": _env("CASCADE_EXPORT_DIR"),
+            "event_shards": int(_env("CASCADE_EVENT_SHARDS", "0") or 0),
+            "catalog_poll_s": float(_env("CASCADE_CATALOG_POLL_S", "1") or 1),
         }
         merged = {**base, **{k: v for k, v in env.items() if v is not None}}
         merged.update(overrides)

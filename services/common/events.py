@@ -3,16 +3,26 @@
 One interface (`EventLog`), two implementations with the same semantics, so the SAME consumer code
 (`services.gateway.worker`) runs on both:
 
-- `RedisEventLog`: a Redis Stream at `{prefix}events`. XADD with `MAXLEN ~`; a consumer group made
-  by `XGROUP CREATE ... MKSTREAM`; `XREADGROUP` hands new entries to one consumer and keeps them
-  *pending* until `XACK`; `XAUTOCLAIM` moves entries pending longer than `min_idle_ms` (their
-  consumer crashed) to another consumer.
+- `RedisEventLog`: Redis Streams at `{prefix}events:{tag}`, one per shard. XADD with `MAXLEN ~`;
+  a consumer group made by `XGROUP CREATE ... MKSTREAM` on every shard; `XREADGROUP` hands new
+  entries to one consumer and keeps them *pending* until `XACK`; `XAUTOCLAIM` moves entries
+  pending longer than `min_idle_ms` (their consumer crashed) to another consumer.
 - `MemoryEventLog`: the embedded default (no `REDIS_URL`): the same pending / ack / reclaim state
   machine in process, so a crash-and-reclaim test means the same thing on both.
 
-Idempotency: `append` is "SET NX evt:{event_id} + XADD" as ONE step (a Lua script on Redis), so a
-duplicate event id within the window never enters the log and a failed XADD never leaves a marker
-behind that would reject the client's retry.
+Idempotency: `append` is "SET NX evt:{tag}:{event_id} + XADD events:{tag}" as ONE step (a Lua
+script on Redis), so a duplicate event id within the window never enters the log and a failed XADD
+never leaves a marker behind that would reject the client's retry.
+
+Shards (Redis Cluster): one stream would pin every event, and every de-duplication marker, to one
+node. The log is `shards` streams instead; an event id always hashes (CRC32) to the same shard,
+and its marker carries that shard's hash tag, so the append script stays single-slot and both
+streams and markers spread over the cluster. The tags are chosen so the shards' slots are evenly
+spaced over the 16384 slots (any evenly split cluster gets its share). Consumers read every shard
+with the same group; an entry id handed out is `<stream id>@<shard>` when there is more than one
+shard. Default: 1 shard on a single Redis (the old behaviour, one blocking XREADGROUP), 8 on a
+cluster (`CASCADE_EVENT_SHARDS` overrides). Gateways and workers must agree on the count, and
+changing it means draining the log first (events left in a dropped shard are not read).
 
 A slow or unreachable Redis: `append` gives up after `append_timeout_s` and raises
 `EventLogUnavailable` (the gateway answers 503 + Retry-After). The script carries a deadline
@@ -24,8 +34,7 @@ rare case where its reply is lost, the client's retry of the same event id answe
 which means "already counted". (Assumes gateway and Redis clocks agree to well under
 `append_timeout_s - write_deadline_s`; NTP does.)
 
-The marker key is the one `OnlineStore.dedupe_event` uses (`evt:{id}`, SET NX PX), so both agree
-on what was seen. The worker's own per-slot markers live apart (`slot:...`, `claim_slot`).
+The worker's own per-slot markers live apart (`slot:...`, `claim_slot`).
 
 `RecordLog` is a plain append-only stream (no groups) for the learning loop: the worker appends
 click / conversion *label* records to `{prefix}labels`; the gateway may log served features to its
@@ -36,8 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Protocol
@@ -49,6 +59,27 @@ LABELS_KEY = "labels"
 DEFAULT_GROUP = "workers"
 DEFAULT_MAXLEN = 1_000_000
 DEFAULT_DEDUPE_WINDOW_S = 86_400.0
+CLUSTER_SHARDS = 8
+CLUSTER_SLOTS = 16_384
+SHARD_POLL_S = 0.05  # with several shards, how often an idle blocking read sweeps them
+
+
+def shard_tags(shards: int) -> list[str]:
+    """One hash tag per shard, tag i hashing into the i-th of `shards` even slot ranges, so
+    the shards land on different nodes of any evenly split cluster. Deterministic."""
+    from redis.crc import key_slot
+
+    tags: list[str] = []
+    for i in range(shards):
+        low, high = i * CLUSTER_SLOTS // shards, (i + 1) * CLUSTER_SLOTS // shards
+        candidates = (str(i) if j == 0 else f"{i}.{j}" for j in range(1_000_000))
+        tags.append(next(t for t in candidates if low <= key_slot(t.encode()) < high))
+    return tags
+
+
+def shard_of(event_id: str, shards: int) -> int:
+    """The shard an event id always goes to (so its de-duplication marker is found again)."""
+    return zlib.crc32(event_id.encode()) % shards if shards > 1 else 0
 
 
 class EventType(StrEnum):
@@ -352,84 +383,161 @@ WRITE_DEADLINE_S = 0.5  # after this, the script refuses to write (see the modul
 
 
 class RedisEventLog:
-    """`EventLog` on a Redis Stream (see the module docstring for the commands used)."""
+    """`EventLog` on sharded Redis Streams (see the module docstring for the commands used)."""
 
     def __init__(self, client: Any, prefix: str = "cascade:",
                  maxlen: int = DEFAULT_MAXLEN, key: str = EVENTS_KEY, *,
-                 append_timeout_s: float = APPEND_TIMEOUT_S,
+                 shards: int | None = None, append_timeout_s: float = APPEND_TIMEOUT_S,
                  write_deadline_s: float = WRITE_DEADLINE_S) -> None:
-        self.client = client  # redis.asyncio.Redis with decode_responses=True
+        from services.common.store_redis import is_cluster
+
+        self.client = client  # redis.asyncio.Redis or RedisCluster, decode_responses=True
         self.prefix = prefix
-        self.key = prefix + key
-        self.maxlen = maxlen
+        self.shards = max(1, shards or (CLUSTER_SHARDS if is_cluster(client) else 1))
+        tags = shard_tags(self.shards)
+        self.keys = [f"{prefix}{key}:{{{tag}}}" for tag in tags]
+        self.markers = [f"{prefix}evt:{{{tag}}}:" for tag in tags]
+        self.key = self.keys[0]
+        self.maxlen = max(1, -(-maxlen // self.shards))  # per shard
         self.append_timeout_s = append_timeout_s
         self.write_deadline_s = min(write_deadline_s, append_timeout_s)
         self._append_once = client.register_script(_APPEND_ONCE)
+        self._rotor = 0  # which shard a sweep starts at, so no shard waits behind the others
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "cascade:", **kwargs: Any) -> RedisEventLog:
-        import redis.asyncio as aioredis
+        from services.common.store_redis import redis_client
 
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), prefix, **kwargs)
+        return cls(redis_client(url), prefix, **kwargs)
+
+    def _entry(self, shard: int, stream_id: str) -> str:
+        return stream_id if self.shards == 1 else f"{stream_id}@{shard}"
+
+    def _split(self, entry_id: str) -> tuple[int, str]:
+        if self.shards == 1:
+            return 0, entry_id
+        stream_id, _, shard = entry_id.rpartition("@")
+        return int(shard), stream_id
 
     async def append(self, event: Event,
                      dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S) -> str | None:
         import redis.exceptions
 
+        shard = shard_of(event.event_id, self.shards)
         write_by_ms = int((time.time() + self.write_deadline_s) * 1000)
         argv: list[str | int] = [write_by_ms, max(1, int(dedupe_window_s * 1000)), self.maxlen]
         for name, value in event.to_fields().items():
             argv += [name, value]
         try:
             entry = await asyncio.wait_for(
-                self._append_once(keys=[f"{self.prefix}evt:{event.event_id}", self.key],
+                self._append_once(keys=[self.markers[shard] + event.event_id, self.keys[shard]],
                                   args=argv), self.append_timeout_s)
         except (TimeoutError, OSError, redis.exceptions.ConnectionError,
                 redis.exceptions.TimeoutError) as exc:
             raise EventLogUnavailable(f"event log unreachable: {type(exc).__name__}") from None
         except redis.exceptions.ResponseError as exc:  # LOADING, BUSY, MISCONF, ...
             raise EventLogUnavailable(f"event log refused the write: {exc}") from None
+        except redis.exceptions.RedisClusterException as exc:  # no node reachable for the slot
+            raise EventLogUnavailable(f"event log unreachable: {exc}") from None
         if entry == -1:
             raise EventLogUnavailable("event log too slow: the write deadline passed unwritten")
-        return str(entry) if entry else None
+        return self._entry(shard, str(entry)) if entry else None
 
     async def ensure_group(self, group: str = DEFAULT_GROUP) -> None:
         import redis.exceptions
 
-        try:
-            await self.client.xgroup_create(self.key, group, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for key in self.keys:
+            try:
+                await self.client.xgroup_create(key, group, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _fan_out(self, count: int, ask: Callable[[Any, str, int], None],
+                       entries_of: Callable[[Any], list[Any]]) -> list[Delivery]:
+        """Up to `count` entries from all shards: `count` is shared over the shards (from a
+        rotating start, so none waits behind the others), one pipelined command each (one
+        round trip per node), then what is left is shared again over the shards not asked yet
+        and those that filled their share, until `count` is reached or no shard has more."""
+        start, self._rotor = self._rotor, (self._rotor + 1) % self.shards
+        shards = [(start + j) % self.shards for j in range(self.shards)]
+        out: list[Delivery] = []
+        while shards and len(out) < count:
+            base, extra = divmod(count - len(out), len(shards))
+            pairs = [(shard, base + (1 if j < extra else 0)) for j, shard in enumerate(shards)]
+            pairs, shards = [p for p in pairs if p[1] > 0], [p[0] for p in pairs if p[1] == 0]
+            pipe = self.client.pipeline(transaction=False)
+            for shard, n in pairs:
+                ask(pipe, self.keys[shard], n)
+            for (shard, n), reply in zip(pairs, await pipe.execute(), strict=True):
+                entries = entries_of(reply)
+                out += [_delivery(self._entry(shard, entry_id), raw)
+                        for entry_id, raw in entries if raw is not None]
+                if len(entries) >= n:
+                    shards.append(shard)
+        return out
+
+    async def _sweep(self, group: str, consumer: str, count: int) -> list[Delivery]:
+        """Non-blocking XREADGROUP over every shard."""
+        def ask(pipe: Any, key: str, n: int) -> None:
+            pipe.xreadgroup(group, consumer, {key: ">"}, count=n)
+
+        return await self._fan_out(count, ask, lambda reply: reply[0][1] if reply else [])
 
     async def read(self, group: str, consumer: str, count: int = 100,
                    block_ms: int | None = None) -> list[Delivery]:
-        # Redis reads BLOCK 0 as "forever": never send it.
-        reply = await self.client.xreadgroup(group, consumer, {self.key: ">"}, count=count,
-                                             block=block_ms or None)
-        out: list[Delivery] = []
-        for _stream, entries in reply or []:
-            out += [_delivery(entry_id, raw) for entry_id, raw in entries if raw is not None]
-        return out
+        if self.shards == 1:
+            # Redis reads BLOCK 0 as "forever": never send it.
+            reply = await self.client.xreadgroup(group, consumer, {self.key: ">"}, count=count,
+                                                 block=block_ms or None)
+            out: list[Delivery] = []
+            for _stream, entries in reply or []:
+                out += [_delivery(entry_id, raw) for entry_id, raw in entries if raw is not None]
+            return out
+        # A blocking read cannot span shards on a cluster (one command, one slot), and holding
+        # a blocked connection per shard costs more than sweeping every SHARD_POLL_S.
+        deadline = time.monotonic() + (block_ms or 0) / 1000
+        while True:
+            out = await self._sweep(group, consumer, count)
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0:
+                return out
+            await asyncio.sleep(min(SHARD_POLL_S, remaining))
 
     async def ack(self, group: str, entry_ids: Sequence[str]) -> int:
         if not entry_ids:
             return 0
-        return int(await self.client.xack(self.key, group, *entry_ids))
+        by_shard: dict[int, list[str]] = {}
+        for entry_id in entry_ids:
+            shard, stream_id = self._split(entry_id)
+            by_shard.setdefault(shard, []).append(stream_id)
+        if len(by_shard) == 1:
+            [(shard, ids)] = by_shard.items()
+            return int(await self.client.xack(self.keys[shard], group, *ids))
+        pipe = self.client.pipeline(transaction=False)
+        for shard, ids in by_shard.items():
+            pipe.xack(self.keys[shard], group, *ids)
+        return sum(int(n) for n in await pipe.execute())
 
     async def reclaim(self, group: str, consumer: str, min_idle_ms: int,
                       count: int = 100) -> list[Delivery]:
-        reply = await self.client.xautoclaim(self.key, group, consumer, min_idle_ms,
-                                             start_id="0-0", count=count)
-        entries = reply[1]  # [next start, claimed entries, deleted ids (Redis >= 7)]
-        return [_delivery(entry_id, raw) for entry_id, raw in entries if raw is not None]
+        def ask(pipe: Any, key: str, n: int) -> None:
+            pipe.xautoclaim(key, group, consumer, min_idle_ms, start_id="0-0", count=n)
+
+        # XAUTOCLAIM answers [next start, claimed entries, deleted ids (Redis >= 7)]
+        return await self._fan_out(count, ask, lambda reply: reply[1])
 
     async def pending(self, group: str = DEFAULT_GROUP) -> int:
-        summary = await self.client.xpending(self.key, group)
-        return int(summary["pending"])
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.keys:
+            pipe.xpending(key, group)
+        return sum(int(summary["pending"]) for summary in await pipe.execute())
 
     async def length(self) -> int:
-        return int(await self.client.xlen(self.key))
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.keys:
+            pipe.xlen(key)
+        return sum(int(n) for n in await pipe.execute())
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -473,9 +581,10 @@ def make_event_log(settings: Settings, client: Any = None) -> EventLog:
     """
     if not settings.redis_url:
         return MemoryEventLog()
+    shards = settings.event_shards or None
     if client is None:
-        return RedisEventLog.from_url(settings.redis_url, settings.redis_prefix)
-    return RedisEventLog(client, settings.redis_prefix)
+        return RedisEventLog.from_url(settings.redis_url, settings.redis_prefix, shards=shards)
+    return RedisEventLog(client, settings.redis_prefix, shards=shards)
 
 
 def make_label_log(settings: Settings, client: Any = None, key: str = LABELS_KEY) -> RecordLog:
@@ -483,7 +592,7 @@ def make_label_log(settings: Settings, client: Any = None, key: str = LABELS_KEY
     if not settings.redis_url:
         return MemoryRecordLog()
     if client is None:
-        import redis.asyncio as aioredis
+        from services.common.store_redis import redis_client
 
-        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        client = redis_client(settings.redis_url)
     return RedisRecordLog(client, settings.redis_prefix, key)

@@ -16,7 +16,14 @@ gets for free, so no stage re-implements it:
 - reload beside the old state and an atomic swap: a request takes a reference to the state
   when it starts, so in-flight requests finish on the old bundle; a failed load keeps the old
   state and answers 422 with the reason (404 when the path does not exist, 409 while another
-  reload runs).
+  reload runs);
+- with a Redis URL, catalog catch-up (`CatalogFollower`): the gateway pushes each /admin ad
+  change to the stages it knows, but a stage started later (restart, autoscaling) or reloaded
+  onto a new bundle would lack them. The follower applies, through the stage's own `update()`,
+  every ad change since the store's last bulk load (the catalog a bundle is trained on) when a
+  state is installed, then polls `{catalog}:version` every `poll_s` and applies what is new.
+  Updates are idempotent, so a change arriving by push and by catch-up is harmless. /readyz
+  waits for the first catch-up.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from services.common import wire
 from services.common.bundle_guard import SchemaMismatch, bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
 from services.common.openapi import Operation, install_openapi
+from services.common.store import Ad, ad_features
 from services.common.telemetry import (
     METRICS_CONTENT_TYPE,
     METRICS_ROUTE,
@@ -339,19 +347,127 @@ def _route(runtime: StageRuntime, endpoint: Endpoint,
     return handle
 
 
+UpdateFor = Callable[[Any, Ad], wire.CatalogUpdate]
+
+
+def plain_update(state: Any, ad: Ad) -> wire.CatalogUpdate:
+    """The catch-up update for stages that compute what they need from the raw features
+    (pre-rank, rank): the same message `admin.push_ad` sends them."""
+    return wire.CatalogUpdate(ad_id=ad.ad_id, scenes=list(ad.scenes), status=ad.status,
+                              features=ad_features(ad))
+
+
+@dataclass(frozen=True)
+class CatalogFollow:
+    """Where and how a stage follows the catalog (see `CatalogFollower`)."""
+
+    redis_url: str
+    prefix: str = "cascade:"
+    poll_s: float = 1.0
+    update_for: UpdateFor = plain_update
+
+
+def catalog_follow(settings: Any, update_for: UpdateFor = plain_update) -> CatalogFollow | None:
+    """The follow settings of a stage: None without REDIS_URL or with CASCADE_CATALOG_POLL_S=0."""
+    if not settings.redis_url or settings.catalog_poll_s <= 0:
+        return None
+    return CatalogFollow(settings.redis_url, settings.redis_prefix, settings.catalog_poll_s,
+                         update_for)
+
+
+class CatalogFollower:
+    """Keeps the served state up to date with the catalog in Redis (module docstring)."""
+
+    STATE_CHECK_S = 0.1  # how soon a freshly loaded state is caught up (no Redis call)
+
+    def __init__(self, runtime: StageRuntime, follow: CatalogFollow) -> None:
+        from services.common.store_redis import RedisStore
+
+        self.runtime, self.follow = runtime, follow
+        self.store = RedisStore.from_url(follow.redis_url, prefix=follow.prefix,
+                                         max_connections=4)
+        self.version = 0  # the catalog version the followed state has caught up to
+        self.followed: StageState | None = None  # the state that version belongs to
+        self.applied = 0
+        self.refused = 0
+        self.error: str | None = None
+
+    @property
+    def caught_up(self) -> bool:
+        return self.followed is not None and self.followed is self.runtime.state
+
+    async def sync(self) -> int:
+        """Apply what the served state lacks; the number of ads applied."""
+        state = self.runtime.state
+        if state is None:
+            return 0
+        if state is self.followed:
+            if await self.store.catalog_version() <= self.version:
+                return 0
+            changes = await self.store.catalog_changes(self.version)
+        else:
+            changes = None
+        if changes is None or changes.full_reload:  # new state, or a bulk load since
+            changes = await self.store.catalog_changes(await self.store.catalog_baseline())
+        found = await self.store.get_ads(changes.ad_ids)
+        ads = [found[a] for a in dict.fromkeys(changes.ad_ids) if a in found]
+        # Updates run torch / faiss: on the stage's worker threads, never on the event loop.
+        applied = await anyio.to_thread.run_sync(self._apply, state, ads,
+                                                 limiter=self.runtime.limiter)
+        self.followed, self.version = state, changes.version
+        self.error = None
+        return applied
+
+    def _apply(self, state: Any, ads: list[Ad]) -> int:
+        applied = 0
+        for ad in ads:
+            try:
+                state.update(self.follow.update_for(state, ad))
+                applied += 1
+            except (ValueError, KeyError) as exc:  # the push path answers these with a 502
+                self.refused += 1
+                log.warning("stage %s: catalog catch-up skipped ad %d: %s", self.runtime.name,
+                            ad.ad_id, exc)
+        self.applied += applied
+        return applied
+
+    async def run(self) -> None:
+        """Catch up whenever a new state is installed, and poll the version every `poll_s`."""
+        next_poll = 0.0
+        while True:
+            now = time.monotonic()
+            # a new state is caught up at once; after a failure, only at the next poll
+            if now >= next_poll or (not self.caught_up and self.error is None):
+                next_poll = now + self.follow.poll_s
+                try:
+                    await self.sync()
+                except Exception as exc:  # noqa: BLE001 - Redis down: keep serving, retry
+                    if self.error is None:
+                        log.warning("stage %s: catalog catch-up failed: %s", self.runtime.name,
+                                    exc)
+                    self.error = f"{type(exc).__name__}: {exc}"
+            await anyio.sleep(min(self.STATE_CHECK_S, self.follow.poll_s))
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
 def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ...] = (),
                      bundle: str | None = None, limits: StageLimits | None = None,
                      admin_key: str | None = None, load_on_startup: bool = True,
                      state: StageState | None = None,
-                     internal_key: str | None = None) -> FastAPI:
+                     internal_key: str | None = None,
+                     catalog: CatalogFollow | None = None) -> FastAPI:
     """Build a stage app. `bundle` loads in the background at startup (/readyz says when);
     `state` installs an already-loaded state instead (embedded use, tests).
 
     `internal_key` (CASCADE_INTERNAL_KEY, see `stage_key`) guards every POST endpoint and
     /admin: only the gateway, which sends it in X-API-Key, may call the stage. `admin_key` is
-    the older name of the same guard."""
+    the older name of the same guard. `catalog` (see `catalog_follow`) makes the stage catch
+    up on catalog changes from Redis."""
     internal_key = internal_key or admin_key
     runtime = StageRuntime(name, loader, bundle=bundle, limits=limits)
+    follower = CatalogFollower(runtime, catalog) if catalog is not None else None
     if state is not None:
         runtime.install(state)
         runtime.schema_sha256 = bundle_schema_sha256(bundle) if bundle else None
@@ -365,10 +481,20 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
                 except HttpError as exc:
                     runtime.load_error = str(exc.detail)
             threading.Thread(target=initial_load, name=f"{name}-load", daemon=True).start()
-        yield
+        if follower is None:
+            yield
+            return
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(follower.run)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+        await follower.close()
 
     app = FastAPI(title=f"cascade {name}", lifespan=lifespan)
     app.state.runtime = runtime
+    app.state.catalog_follower = follower
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -379,7 +505,14 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
         current = runtime.state
         if current is None:
             return json_response(503, {"ready": False, "stage": name, "error": runtime.load_error})
-        return json_response(200, {"ready": True, "stage": name, "version": str(current.version)})
+        if follower is not None and follower.followed is None:
+            return json_response(503, {"ready": False, "stage": name,
+                                       "error": follower.error or "catching up on the catalog"})
+        body: dict[str, Any] = {"ready": True, "stage": name, "version": str(current.version)}
+        if follower is not None:
+            body["catalog"] = {"version": follower.version, "applied": follower.applied,
+                               "refused": follower.refused, "error": follower.error}
+        return json_response(200, body)
 
     @app.get("/metrics", **METRICS_ROUTE)
     async def metrics() -> Response:

@@ -9,17 +9,22 @@ Keys (all under `Settings.redis_prefix`, see ARCHITECTURE.md):
 
     user:{id}               hash   profile fields (the users.parquet columns)
     seq:{id}                list   "ad_id:category_id", newest first, capped at sequence_len
+    cap:{id}:{day}          hash   impressions per campaign that UTC day (TTL ~2 days)
     ad:{id}                 hash   Ad fields (scenes comma-joined)
     campaign:{id}           hash   Campaign fields
     ads / campaigns         set    ids present (lets the catalog snapshot avoid a SCAN)
     qs:{ad}                 hash   impressions, clicks
-    cap:{user}:{day}        hash   impressions per campaign that UTC day (TTL ~2 days)
     spend:{campaign}:{day}  int    micros charged that UTC day (TTL 8 days)
     evt:{event_id}          string de-duplication marker of a client event id (SET NX PX)
     slot:{type}:{req}:{ad}  string the worker applied this event type for this served slot
-    catalog:version         int    bumped by every ad / campaign write
-    catalog:changes         zset   "ad:{id}" / "campaign:{id}" scored by the version of the edit
-    catalog:bulk            int    catalog version of the last bulk load (put_ads/put_campaigns)
+    {catalog}:version       int    bumped by every ad / campaign write
+    {catalog}:changes       zset   "ad:{id}" / "campaign:{id}" scored by the version of the edit
+    {catalog}:bulk          int    catalog version of the last bulk load (put_ads/put_campaigns)
+
+Names in braces are Redis Cluster hash tags (literal braces in the key): `user:{42}`,
+`seq:{42}`, `cap:{42}:{day}` share a slot; `qs:{ad}` and `spend:{campaign}:{day}` carry their
+id as tag so the worker's per-record markers can share their slot on a cluster. The event log's
+keys are in services/common/events.py.
 
 Money is integer micros; a day is the UTC date string YYYYMMDD.
 """
@@ -170,6 +175,14 @@ class CatalogChanges:
     full_reload: bool
 
 
+def ad_features(ad: Ad) -> dict[str, str | int]:
+    """The raw features a stage's ad towers need for an ad the bundle does not know (the
+    `CatalogUpdate.features` of admin pushes and of the stages' own catalog catch-up)."""
+    return {"ad_id": ad.ad_id, "campaign_id": ad.campaign_id, "advertiser_id": ad.advertiser_id,
+            "category_id": ad.category_id, "brand_id": ad.brand_id,
+            "price_bucket": ad.price_bucket, "bid_type": ad.bid_type}
+
+
 def decode_profile(raw: Mapping[str, str]) -> dict[str, int | str]:
     """Hash values come back as strings; integer-looking values become ints again."""
     out: dict[str, int | str] = {}
@@ -213,6 +226,10 @@ class OnlineStore(Protocol):
     async def set_campaign_status(self, campaign_id: int, status: str) -> bool: ...
     async def catalog_version(self) -> int: ...
     async def catalog_changes(self, since: int) -> CatalogChanges: ...
+    async def catalog_baseline(self) -> int:
+        """The catalog version of the last bulk load (0: none). A bundle is trained on a bulk-
+        loaded catalog, so a stage catches up with `catalog_changes(catalog_baseline())`."""
+        ...
     async def incr_qscore(self, ad_id: int, impressions: int = 0, clicks: int = 0) -> None: ...
     async def get_qscores(self, ad_ids: Iterable[int]) -> dict[int, tuple[int, int]]: ...
     async def incr_cap(self, user_id: UserId, day: str, campaign_id: int, n: int = 1) -> int: ...

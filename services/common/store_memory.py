@@ -180,6 +180,9 @@ class MemoryStore:
     async def catalog_version(self) -> int:
         return self._version
 
+    async def catalog_baseline(self) -> int:
+        return self._bulk_version
+
     async def catalog_changes(self, since: int) -> CatalogChanges:
         members = sorted((v, m) for m, v in self._changes.items() if v > since)
         ads = tuple(int(m[3:]) for _, m in members if m.startswith("ad:"))

@@ -1,8 +1,13 @@
-"""RedisStore: the online store on a real Redis (redis.asyncio + hiredis).
+"""RedisStore: the online store on a real Redis or Redis Cluster (redis.asyncio + hiredis).
 
 Reads that one request needs go out as one non-transactional pipeline (one round trip); bulk
 writes go out as pipelines of `chunk` commands, so loading 100k ads costs a few dozen round
 trips rather than 100k.
+
+Redis Cluster: `redis_client` is the one place a client is made from a URL; a
+`redis+cluster://host:port[,host:port...]` URL selects the cluster client. Keys read together
+share a hash tag (`user:{id}`, `seq:{id}`, `cap:{id}:{day}` on the user id; the catalog's
+`{catalog}:*` keys together) so one request's pipeline and every script stay on one node.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, TypeVar
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from services.common.store import (
     CAP_TTL_S,
@@ -47,6 +53,70 @@ return version
 """
 
 
+CLUSTER_SCHEME = "redis+cluster://"
+CLUSTER_MAX_CONNECTIONS = 256  # per node; the cluster client raises, not waits, past it
+
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.lower().startswith(CLUSTER_SCHEME)
+
+
+def cluster_url_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """(host, port) seed nodes, username and password of a `redis+cluster://` URL.
+
+    A cluster has no databases, so a path other than `/` or `/0` is refused."""
+    rest = url[len(CLUSTER_SCHEME):]
+    rest, _, path = rest.partition("/")
+    if path.split("?")[0] not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only database 0 (URL path /{path})")
+    user = password = None
+    if "@" in rest:
+        auth, _, rest = rest.rpartition("@")
+        name, sep, secret = auth.partition(":")
+        user, password = (name or None, secret or None) if sep else (None, name or None)
+    nodes: list[tuple[str, int]] = []
+    for part in rest.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host:
+            host, port = port, "6379"
+        try:
+            nodes.append((host or "127.0.0.1", int(port or 6379)))
+        except ValueError:
+            raise ValueError(f"bad node {part!r} in the Redis Cluster URL") from None
+    if not nodes:
+        raise ValueError("a redis+cluster:// URL names at least one host:port")
+    return nodes, user, password
+
+
+def redis_client(url: str, *, max_connections: int | None = None,
+                 pool_timeout: float = 5.0, **kwargs: Any) -> RedisClient:
+    """The one factory that makes an async client (decoded strings) from a URL.
+
+    `redis+cluster://h1:p1,h2:p2` gives a `RedisCluster` seeded from those nodes (it discovers
+    the rest); any other URL a plain `Redis`. With `max_connections` a plain client's pool
+    blocks (up to `pool_timeout` s) when all are busy rather than failing a request during a
+    burst; the cluster client keeps a pool per node.
+    """
+    kwargs.setdefault("decode_responses", True)
+    if is_cluster_url(url):
+        nodes, user, password = cluster_url_nodes(url)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+                            username=user, password=password,
+                            max_connections=max_connections or CLUSTER_MAX_CONNECTIONS,
+                            **kwargs)
+    if max_connections is None:
+        return aioredis.Redis.from_url(url, **kwargs)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout, **kwargs)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
 def _chunks(rows: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(rows)
     while chunk := list(islice(it, size)):
@@ -67,12 +137,16 @@ def parse_sequence(entries: Iterable[str]) -> tuple[list[int], list[int]]:
 class RedisStore:
     """OnlineStore on Redis. Every key starts with `prefix` so tests can share a server."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "cascade:",
+    def __init__(self, client: RedisClient, prefix: str = "cascade:",
                  sequence_len: int = DEFAULT_SEQUENCE_LEN, chunk: int = 2000) -> None:
         self.client = client
         self.prefix = prefix
         self.sequence_len = sequence_len
         self.chunk = chunk
+        self.cluster = is_cluster(client)
+        if self.cluster and ("{" in prefix or "}" in prefix):
+            raise ValueError(f"on a Redis Cluster the key prefix {prefix!r} may not hold braces "
+                             f"(they would override the keys' own hash tags)")
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "cascade:",
@@ -83,13 +157,24 @@ class RedisStore:
         The pool blocks (up to 5 s) when all `max_connections` are busy, rather than failing
         a request during a burst, and keeps the server's client count bounded per process.
         """
-        pool_kwargs.setdefault("timeout", 5)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, decode_responses=True, max_connections=max_connections, **pool_kwargs)
-        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix, sequence_len=sequence_len)
+        timeout = float(pool_kwargs.pop("timeout", 5))
+        client = redis_client(url, max_connections=max_connections, pool_timeout=timeout,
+                              **pool_kwargs)
+        return cls(client, prefix=prefix, sequence_len=sequence_len)
 
     def key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(p) for p in parts)
+
+    def tagged(self, kind: str, tag: object, *rest: object) -> str:
+        """`kind:{tag}:rest...`. The user's `user:{id}`, `seq:{id}` and `cap:{id}:{day}` share
+        the user id as hash tag, so the request's three reads (and the worker's per-user
+        writes) stay on one cluster node; `qs:{ad}` and `spend:{campaign}:{day}` are tagged so
+        the worker's per-record markers can live in the same slot (apply_redis.py)."""
+        return self.key(kind, f"{{{tag}}}", *rest)
+
+    def catalog_key(self, name: str) -> str:
+        """`{catalog}:version|changes|bulk`: one slot, so the change script is single-slot."""
+        return self.prefix + "{catalog}:" + name
 
     # -- bulk protocol -----------------------------------------------------------------------
     async def _open_bulk(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
@@ -103,7 +188,10 @@ class RedisStore:
         cls = pool.connection_class
         if not issubclass(cls, aioredis.Connection) or issubclass(cls, aioredis.SSLConnection):
             return None
-        kw = pool.connection_kwargs
+        return await self._connect(pool.connection_kwargs)
+
+    async def _connect(self, kw: Mapping[str, Any]
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection(kw.get("host") or "localhost",
                                                        int(kw.get("port") or 6379))
         handshake: list[tuple[Any, ...]] = []
@@ -137,6 +225,8 @@ class RedisStore:
 
     async def _bulk(self, commands: Iterable[tuple[Any, ...]]) -> list[Any]:
         """Run many commands in chunks on one connection; returns every reply in order."""
+        if self.cluster:
+            return await self._bulk_cluster(list(commands))
         replies: list[Any] = []
         conn = await self._open_bulk()
         try:
@@ -154,12 +244,63 @@ class RedisStore:
                 await conn[1].wait_closed()
         return replies
 
+    async def _bulk_cluster(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The bulk protocol on a cluster: commands grouped by the node that owns their key
+        (every bulk command's key is its first argument), one raw connection per node, the
+        nodes in parallel; replies back in the commands' order.
+
+        A slot that moves meanwhile (resharding: MOVED / ASK) makes the whole batch rerun
+        through the cluster client's pipeline, which follows redirections; bulk batches are
+        idempotent (DEL before each write), so running one twice is harmless.
+        """
+        if not commands:
+            return []
+        await self.client.initialize()
+        if any(n.connection_class is not aioredis.Connection  # TLS: the client's own path
+               for n in self.client.get_nodes()):
+            return await self._bulk_pipelined(commands)
+        by_node: dict[str, list[int]] = {}
+        nodes: dict[str, Any] = {}
+        for i, cmd in enumerate(commands):
+            node = self.client.get_node_from_key(cmd[1])
+            nodes[node.name] = node
+            by_node.setdefault(node.name, []).append(i)
+        replies: list[Any] = [None] * len(commands)
+
+        async def run(name: str) -> None:
+            reader, writer = await self._connect(nodes[name].connection_kwargs)
+            try:
+                for chunk in _chunks(by_node[name], self.chunk):
+                    got = await self._exchange(reader, writer, [commands[i] for i in chunk])
+                    for i, reply in zip(chunk, got, strict=True):
+                        replies[i] = reply
+            finally:
+                writer.close()
+                await writer.wait_closed()
+
+        try:
+            await asyncio.gather(*(run(name) for name in by_node))
+        except aioredis.ResponseError as exc:
+            if not str(exc).startswith(("MOVED", "ASK")):
+                raise
+            return await self._bulk_pipelined(commands)
+        return replies
+
+    async def _bulk_pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        replies: list[Any] = []
+        for chunk in _chunks(commands, self.chunk):
+            pipe = self.client.pipeline(transaction=False)
+            for cmd in chunk:
+                pipe.execute_command(*cmd)
+            replies.extend(await pipe.execute())
+        return replies
+
     # -- users -------------------------------------------------------------------------------
     async def get_user_context(self, user_id: UserId, day: str | None = None) -> UserContext:
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.key("user", user_id))
-        pipe.lrange(self.key("seq", user_id), 0, self.sequence_len - 1)
-        pipe.hgetall(self.key("cap", user_id, day or utc_day()))
+        pipe.hgetall(self.tagged("user", user_id))
+        pipe.lrange(self.tagged("seq", user_id), 0, self.sequence_len - 1)
+        pipe.hgetall(self.tagged("cap", user_id, day or utc_day()))
         profile, seq, caps = await pipe.execute()
         hist_ad, hist_cat = parse_sequence(seq)
         return UserContext(
@@ -170,7 +311,7 @@ class RedisStore:
         )
 
     async def push_behaviour(self, user_id: UserId, ad_id: int, category_id: int) -> None:
-        key = self.key("seq", user_id)
+        key = self.tagged("seq", user_id)
         pipe = self.client.pipeline(transaction=False)
         pipe.lpush(key, f"{int(ad_id)}:{int(category_id)}")
         pipe.ltrim(key, 0, self.sequence_len - 1)
@@ -180,7 +321,7 @@ class RedisStore:
         commands: list[tuple[Any, ...]] = []
         for row in rows:
             user_id, mapping = profile_fields(row)
-            key = self.key("user", user_id)
+            key = self.tagged("user", user_id)
             commands.append(("DEL", key))
             if mapping:
                 commands.append(("HSET", key, *(x for kv in mapping.items() for x in kv)))
@@ -193,7 +334,7 @@ class RedisStore:
         commands: list[tuple[Any, ...]] = []
         written = 0
         for user_id, ads, cats in rows:
-            key = self.key("seq", user_id)
+            key = self.tagged("seq", user_id)
             entries = [f"{a}:{c}" for a, c in zip(ads, cats, strict=False)
                        if a >= 0 or c >= 0][: self.sequence_len]
             commands.append(("DEL", key))
@@ -218,8 +359,8 @@ class RedisStore:
         await self._bulk(commands)
         written = len(ids)
         if written:
-            version = await self.client.incr(self.key("catalog", "version"))
-            await self.client.set(self.key("catalog", "bulk"), version)
+            version = await self.client.incr(self.catalog_key("version"))
+            await self.client.set(self.catalog_key("bulk"), version)
         return written
 
     async def put_ads(self, rows: Iterable[Ad]) -> int:
@@ -278,39 +419,55 @@ class RedisStore:
                     out[cid] = Campaign.from_fields(cid, raw)
         return out
 
-    def _record_change(self, pipe: Any, member: str) -> None:
-        """Bump the catalog version and log the changed record inside the caller's MULTI, so a
-        reader never sees a version whose change is not logged yet."""
-        pipe.eval(_RECORD_CHANGE, 2, self.key("catalog", "version"),
-                  self.key("catalog", "changes"), member)
+    async def _write_and_record(self, member: str, write: Any) -> None:
+        """Run `write(pipe)` and bump the catalog version with `member` logged as changed.
+
+        Single Redis: one MULTI, so a reader never sees a version whose change is not logged or
+        not written yet. Cluster: the record's keys and the `{catalog}` keys live in different
+        slots, so the record is written first and the version bumped after (one single-slot
+        script): a reader that sees the version finds the write; a crash between the two leaves
+        a written record whose change is logged by its next edit.
+        """
+        record = (_RECORD_CHANGE, 2, self.catalog_key("version"), self.catalog_key("changes"),
+                  member)
+        if not self.cluster:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.eval(*record)
+            write(pipe)
+            await pipe.execute()
+            return
+        pipe = self.client.pipeline(transaction=False)
+        write(pipe)
+        await pipe.execute()
+        await self.client.eval(*record)
 
     async def upsert_ad(self, ad: Ad) -> None:
         check_status(ad.status)
-        pipe = self.client.pipeline(transaction=True)
-        self._record_change(pipe, f"ad:{ad.ad_id}")
-        pipe.delete(self.key("ad", ad.ad_id))
-        pipe.hset(self.key("ad", ad.ad_id), mapping=ad.to_fields())
-        pipe.sadd(self.key("ads"), ad.ad_id)
-        await pipe.execute()
+        key = self.key("ad", ad.ad_id)
+
+        def write(pipe: Any) -> None:
+            pipe.delete(key)
+            pipe.hset(key, mapping=ad.to_fields())
+            pipe.sadd(self.key("ads"), ad.ad_id)
+        await self._write_and_record(f"ad:{ad.ad_id}", write)
 
     async def upsert_campaign(self, campaign: Campaign) -> None:
         check_status(campaign.status)
-        pipe = self.client.pipeline(transaction=True)
-        self._record_change(pipe, f"campaign:{campaign.campaign_id}")
-        pipe.delete(self.key("campaign", campaign.campaign_id))
-        pipe.hset(self.key("campaign", campaign.campaign_id), mapping=campaign.to_fields())
-        pipe.sadd(self.key("campaigns"), campaign.campaign_id)
-        await pipe.execute()
+        key = self.key("campaign", campaign.campaign_id)
+
+        def write(pipe: Any) -> None:
+            pipe.delete(key)
+            pipe.hset(key, mapping=campaign.to_fields())
+            pipe.sadd(self.key("campaigns"), campaign.campaign_id)
+        await self._write_and_record(f"campaign:{campaign.campaign_id}", write)
 
     async def _set_status(self, kind: str, rid: int, status: str) -> bool:
         check_status(status)
         key = self.key(kind, rid)
         if not await self.client.exists(key):
             return False
-        pipe = self.client.pipeline(transaction=True)
-        self._record_change(pipe, f"{kind}:{rid}")
-        pipe.hset(key, "status", status)
-        await pipe.execute()
+        await self._write_and_record(f"{kind}:{rid}", lambda pipe: pipe.hset(key, "status",
+                                                                             status))
         return True
 
     async def set_ad_status(self, ad_id: int, status: str) -> bool:
@@ -320,13 +477,16 @@ class RedisStore:
         return await self._set_status("campaign", int(campaign_id), status)
 
     async def catalog_version(self) -> int:
-        return int(await self.client.get(self.key("catalog", "version")) or 0)
+        return int(await self.client.get(self.catalog_key("version")) or 0)
+
+    async def catalog_baseline(self) -> int:
+        return int(await self.client.get(self.catalog_key("bulk")) or 0)
 
     async def catalog_changes(self, since: int) -> CatalogChanges:
         pipe = self.client.pipeline(transaction=False)
-        pipe.get(self.key("catalog", "version"))
-        pipe.get(self.key("catalog", "bulk"))
-        pipe.zrangebyscore(self.key("catalog", "changes"), f"({int(since)}", "+inf")
+        pipe.get(self.catalog_key("version"))
+        pipe.get(self.catalog_key("bulk"))
+        pipe.zrangebyscore(self.catalog_key("changes"), f"({int(since)}", "+inf")
         version, bulk, members = await pipe.execute()
         ads = tuple(int(m[3:]) for m in members if m.startswith("ad:"))
         camps = tuple(int(m[9:]) for m in members if m.startswith("campaign:"))
@@ -334,7 +494,7 @@ class RedisStore:
 
     # -- counters ----------------------------------------------------------------------------
     async def incr_qscore(self, ad_id: int, impressions: int = 0, clicks: int = 0) -> None:
-        key = self.key("qs", ad_id)
+        key = self.tagged("qs", int(ad_id))
         pipe = self.client.pipeline(transaction=False)
         pipe.hincrby(key, "impressions", int(impressions))
         pipe.hincrby(key, "clicks", int(clicks))
@@ -347,13 +507,13 @@ class RedisStore:
         for chunk in _chunks(ids, self.chunk):
             pipe = self.client.pipeline(transaction=False)
             for ad_id in chunk:
-                pipe.hmget(self.key("qs", ad_id), "impressions", "clicks")
+                pipe.hmget(self.tagged("qs", int(ad_id)), "impressions", "clicks")
             for ad_id, (imp, clk) in zip(chunk, await pipe.execute(), strict=True):
                 out[ad_id] = (int(imp or 0), int(clk or 0))
         return out
 
     async def incr_cap(self, user_id: UserId, day: str, campaign_id: int, n: int = 1) -> int:
-        key = self.key("cap", user_id, day)
+        key = self.tagged("cap", user_id, day)
         pipe = self.client.pipeline(transaction=False)
         pipe.hincrby(key, str(int(campaign_id)), int(n))
         pipe.expire(key, CAP_TTL_S)
@@ -361,7 +521,7 @@ class RedisStore:
         return int(count)
 
     async def incr_spend(self, campaign_id: int, day: str, micros: int) -> int:
-        key = self.key("spend", int(campaign_id), day)
+        key = self.tagged("spend", int(campaign_id), day)
         pipe = self.client.pipeline(transaction=False)
         pipe.incrby(key, int(micros))
         pipe.expire(key, SPEND_TTL_S)
@@ -381,7 +541,9 @@ class RedisStore:
         ids = [int(c) for c in campaign_ids]
         if not ids:
             return {}
-        values = await self.client.mget([self.key("spend", c, day) for c in ids])
+        keys = [self.tagged("spend", c, day) for c in ids]
+        values = await (self.client.mget_nonatomic(keys) if self.cluster
+                        else self.client.mget(keys))
         return {c: int(v or 0) for c, v in zip(ids, values, strict=True)}
 
     async def dedupe_event(self, event_id: str, window_s: float) -> bool:
@@ -398,4 +560,7 @@ class RedisStore:
         return bool(await self.client.ping())
 
     async def close(self) -> None:
-        await self.client.aclose(close_connection_pool=True)
+        if self.cluster:
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)

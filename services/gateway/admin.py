@@ -7,6 +7,9 @@ then writes the store and its local catalog. Stages are updated FIRST: if one re
 is written and the answer (502) names the stage, and an ad the stages know but the catalog does
 not is dropped by screening, so a half-done update never serves.
 
+Push is the fast path only: a stage process started later (a restart, an autoscaled replica)
+catches up on the same changes from Redis by itself (`CatalogFollower`, stage_app.py).
+
 Validation happens before any write (422 naming the field): unknown campaign, unknown scene,
 a CPC ad without a bid, an oCPA ad without a target CPA.
 """
@@ -24,7 +27,7 @@ from pydantic import Field
 from models.pricing import qscore_ecpm
 from services.common import wire
 from services.common.stage_app import HttpError
-from services.common.store import Ad, Campaign
+from services.common.store import Ad, Campaign, ad_features
 from services.gateway.app import decode_body, guarded, json_response, require_key
 from services.gateway.clients import StageError
 from services.gateway.service import Gateway
@@ -135,24 +138,18 @@ def _check_ad(gateway: Gateway, ad: Ad) -> None:
                         "target_cpa_micros")
 
 
-def _features(ad: Ad) -> dict[str, wire.ScalarValue]:
-    return {"ad_id": ad.ad_id, "campaign_id": ad.campaign_id, "advertiser_id": ad.advertiser_id,
-            "category_id": ad.category_id, "brand_id": ad.brand_id,
-            "price_bucket": ad.price_bucket, "bid_type": ad.bid_type}
-
-
 async def push_ad(gateway: Gateway, ad: Ad) -> dict[str, Any]:
     """Stages first, then the store and the local catalog (see the module docstring)."""
     _check_ad(gateway, ad)
     known = ad.ad_id in gateway.catalog
     vector = None
     if not known and gateway.stages.vectorizer is not None:
-        vector = gateway.stages.vectorizer.ad_vector(_features(ad))
+        vector = gateway.stages.vectorizer.ad_vector(ad_features(ad))
     estimate = qscore_ecpm(gateway.qscores.prior.prior_mean, ad.bid_type == "ocpa",
                            ad.bid_micros, ad.target_cpa_micros, gateway.cascade.prior_cvr)
     update = wire.CatalogUpdate(ad_id=ad.ad_id, vector=vector, scenes=list(ad.scenes),
                                 status=ad.status, cold_score=float(estimate),
-                                features=_features(ad))
+                                features=ad_features(ad))
     stages: dict[str, Any] = {}
     for name, client in gateway.stages.all().items():
         try:

@@ -16,16 +16,20 @@ Label records go to the append-only `{prefix}labels` stream (or the in-process `
 charged_micros}`. The gateway logs the served features under the same `(request_id, ad_id)`, and
 training joins the two; an impression without a label record is a negative.
 
-Delivery semantics: the log de-duplicates event ids at append. The worker then applies each
-(type, request_id, ad_id) at most once, marking it with `claim_slot(...)` BEFORE the effects. The
-slot markers live in their own key family (`slot:{type}:{request_id}:{ad_id}`), apart from the
-client-chosen event-id markers (`evt:{event_id}`): no event id, whatever its text, can pre-mark a
-slot and so stop a click from being charged. Marking first means: a second click on one slot (with
-a fresh event id) is never charged, and a reclaimed entry that a crashed worker had already
-applied is not applied again. On Redis the mark, the effects and the label record are one Lua
-script (services/gateway/apply_redis.py), so a crash of the worker or of Redis leaves all of an
-event or none of it: the reclaimed retry completes it exactly once. In process (no Redis) a
-crash loses the whole state anyway.
+Delivery semantics: the log de-duplicates event ids at append. The worker then applies each (type,
+request_id, ad_id) at most once, marking it with `claim_slot(...)` BEFORE the effects. The slot
+markers live in their own key family (`slot:{type}:{request_id}:{ad_id}`), apart from the
+client-chosen event-id markers (`evt:{shard}:{event_id}`): no event id, whatever its text, can
+pre-mark a slot and so stop a click from being charged. Marking first means: a second click on one
+slot (with a fresh event id) is never charged, and a reclaimed entry that a crashed worker had
+already applied is not applied again. On Redis the mark, the effects and the label record are one
+Lua script (services/gateway/apply_redis.py), so a crash of the worker or of Redis leaves all of an
+event or none of it: the reclaimed retry completes it exactly once. On a Redis Cluster the event's
+effects live on several nodes, so the script becomes single-slot parts, each with its own mark in
+its own slot: a crash between parts leaves the entry pending, and the retry applies the parts still
+missing, each exactly once. The log may be sharded over several streams
+(services/common/events.py); the worker reads them all through the same interface. In process (no
+Redis) a crash loses the whole state anyway.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from services.common.deadline import Deadline
 from services.common.stage_app import (
     Endpoint,
     StageLimits,
+    catalog_follow,
     create_stage_app,
     runtime_of,
     stage_key,
@@ -63,7 +64,8 @@ def create_app(settings: Settings | None = None, *, bundle: str | None = None,
     counters: dict[str, Counter] = {}
     app = create_stage_app(STAGE, load, endpoints=_endpoints(counters),
                            bundle=bundle or settings.bundle, limits=limits or LIMITS,
-                           internal_key=stage_key(settings), state=state)
+                           internal_key=stage_key(settings), state=state,
+                           catalog=catalog_follow(settings))
     counters["unknown"] = Counter("cascade_unknown_candidates",
                                 "Candidate ad ids dropped because the stage has no data for them",
                                 ("stage",), registry=runtime_of(app).metrics.registry)

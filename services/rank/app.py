@@ -29,6 +29,7 @@ from services.common.stage_app import (
     Endpoint,
     StageLimits,
     StageRuntime,
+    catalog_follow,
     create_stage_app,
     runtime_of,
     stage_key,
@@ -114,7 +115,8 @@ def create_app(settings: Settings | None = None, *, bundle: str | None = None,
                          max_history=options.max_history, threads=options.threads)
     app = create_stage_app(STAGE, load, endpoints=_endpoints(runtime_ref, batcher),
                            bundle=bundle or settings.bundle, limits=limits,
-                           internal_key=stage_key(settings), state=state)
+                           internal_key=stage_key(settings), state=state,
+                           catalog=catalog_follow(settings))
     runtime_ref["runtime"] = runtime_of(app)
     app.state.batcher = batcher
     return app

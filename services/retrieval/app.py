@@ -25,10 +25,15 @@ from services.common.deadline import Deadline  # noqa: E402
 from services.common.stage_app import (  # noqa: E402
     Endpoint,
     StageLimits,
+    catalog_follow,
     create_stage_app,
     stage_key,
 )
-from services.retrieval.state import RetrievalState, load_retrieval_state  # noqa: E402
+from services.retrieval.state import (  # noqa: E402
+    RetrievalState,
+    catalog_update,
+    load_retrieval_state,
+)
 from services.retrieval.user_encoder import two_tower_user_encoder  # noqa: E402
 
 STAGE = "retrieval"
@@ -62,4 +67,4 @@ def create_app(settings: Settings | None = None, *, bundle: str | None = None,
         user_encoder_factory=partial(two_tower_user_encoder, threads=settings.torch_threads))
     return create_stage_app(STAGE, load, endpoints=ENDPOINTS, bundle=bundle or settings.bundle,
                             limits=limits, internal_key=stage_key(settings),
-                            state=state)
+                            state=state, catalog=catalog_follow(settings, catalog_update))

@@ -17,6 +17,10 @@ Bundle files read here (names agreed with models/bundle and training):
 
 `handle(RecallRequest) -> RecallResponse` is what both the HTTP app and the gateway's
 in-process client call, so the two paths cannot drift.
+
+A retrieval process following the catalog in Redis (stage_app.CatalogFollower) builds a new
+ad's update itself, as the gateway's push does: the ad-tower vector from the bundle's two-tower
+model and the Qscore eCPM estimate at the bundle's priors (`catalog_update`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from models.bundle import CATALOG_FILE, COLD_START_FILE, Bundle, read_bundle
+from models.pricing import qscore_ecpm
 from services.common import wire
 from services.common.deadline import Deadline
+from services.common.store import Ad, ad_features
 from services.retrieval.index import (
     INDEX_FILE,
     IndexSpec,
@@ -60,6 +66,8 @@ class RetrievalState:
     spec: IndexSpec | None = None
     user_encoder: UserEncoder | None = None  # features -> user vector (the two-tower user tower)
     extra: dict[str, Any] = field(default_factory=dict)
+    ad_encoder: Callable[[dict[str, Any]], np.ndarray] | None = None  # a new ad's vector
+    cold_prior: tuple[float, float] = (PRIOR_CTR, PRIOR_CVR)  # (Qscore prior CTR, prior CVR)
 
     def user_vector(self, request: wire.RecallRequest) -> np.ndarray | None:
         """The request's vector, else the user tower's, else None (cold-start channel).
@@ -94,6 +102,48 @@ class RetrievalState:
         added = self.recall.add_ad(update.ad_id, vector, update.scenes, update.status,
                                    update.cold_score)
         return wire.CatalogUpdateResponse(ad_id=update.ad_id, status=update.status, added=added)
+
+
+def catalog_update(state: RetrievalState, ad: Ad) -> wire.CatalogUpdate:
+    """The update `admin.push_ad` would send this stage for `ad`, built from the store's record
+    alone (catalog catch-up). Without a two-tower model a NEW ad is refused (ValueError)."""
+    features = ad_features(ad)
+    vector = state.ad_encoder(features) if state.ad_encoder is not None else None
+    prior_ctr, prior_cvr = state.cold_prior
+    estimate = qscore_ecpm(prior_ctr, ad.bid_type == "ocpa", ad.bid_micros,
+                           ad.target_cpa_micros, prior_cvr)
+    return wire.CatalogUpdate(ad_id=ad.ad_id, vector=vector, scenes=list(ad.scenes),
+                              status=ad.status, cold_score=float(estimate), features=features)
+
+
+def _ad_encoder(bundle: Bundle, user_encoder: Any
+                ) -> Callable[[dict[str, Any]], np.ndarray] | None:
+    """The bundle's two-tower ad tower (sharing the user encoder's model when it has one)."""
+    if "two_tower" not in bundle.manifest.get("models", {}):
+        return None
+    import torch
+
+    from models.bundle import load_model
+    from services.common.features import FeatureEncoder, to_tensors
+
+    model = getattr(user_encoder, "model", None)
+    if model is None:
+        with torch.inference_mode():
+            model = load_model(bundle, "two_tower")
+    encoder = FeatureEncoder(bundle.schema)
+
+    def encode(features: dict[str, Any]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.ad_vector(to_tensors(encoder.ad(features)))[0].float().numpy()
+    return encode
+
+
+def _cold_prior(bundle: Bundle) -> tuple[float, float]:
+    """(Qscore prior CTR, prior CVR) as the gateway reads them from the bundle."""
+    from services.gateway.stage_loaders import bundle_priors
+
+    prior, _, cvr = bundle_priors(bundle)
+    return float(prior.prior_mean), float(cvr)
 
 
 def _catalog_for(ad_ids: np.ndarray, table: dict[str, list], cold: np.ndarray) -> AdCatalog:
@@ -184,7 +234,8 @@ def load_retrieval_state(path: str, *, faiss_threads: int = 1,
     catalog = _catalog_for(ad_ids, table, cold)
     encoder = user_encoder_factory(bundle) if user_encoder_factory is not None else None
     recall = Recall(index, catalog, tuned_k=spec.k if spec else None, value=value)
-    return RetrievalState(version=bundle.version, recall=recall, spec=spec, user_encoder=encoder)
+    return RetrievalState(version=bundle.version, recall=recall, spec=spec, user_encoder=encoder,
+                          ad_encoder=_ad_encoder(bundle, encoder), cold_prior=_cold_prior(bundle))
 
 
 def write_retrieval_artifacts(writer: Any, vectors: np.ndarray, ad_ids: np.ndarray,
