@@ -98,11 +98,13 @@ def test_configuration_comes_from_the_environment() -> None:
     assert gateway["CASCADE_RETRIEVAL_URL"] == "http://retrieval:8001"
     assert gateway["CASCADE_PRERANK_URL"] == "http://prerank:8002"
     assert gateway["CASCADE_RANK_URL"] == "http://rank:8003"
-    gateway_only = ("CASCADE_API_KEY", "CASCADE_ADMIN_KEY", "CASCADE_TOKEN_SECRET", "REDIS_URL")
+    gateway_only = ("CASCADE_API_KEY", "CASCADE_ADMIN_KEY", "CASCADE_TOKEN_SECRET")
     for name in STAGES:
         env = services[name]["environment"]
         assert env["CASCADE_BUNDLE"] == "/bundles/current"
         assert env["CASCADE_INTERNAL_KEY"].startswith("${CASCADE_INTERNAL_KEY:?"), name
+        # every service reaches Redis: the stages to catch up on catalog changes
+        assert env["REDIS_URL"].startswith("redis://:${CASCADE_REDIS_PASSWORD:?"), name
         for secret in gateway_only:  # each service gets only the secrets it needs
             assert (secret in env) == (name == "gateway"), (name, secret)
         mounts = {v["target"]: v for v in services[name]["volumes"] if isinstance(v, dict)}
