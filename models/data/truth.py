@@ -63,6 +63,10 @@ class Truth:
         return cls(cfg, market, {name: i for i, name in enumerate(cfg.scenes)})
 
     @property
+    def sequence_len(self) -> int:
+        return int(self.market.initial_history.shape[1])
+
+    @property
     def n_ads(self) -> int:
         return self.market.n_ads
 
@@ -102,9 +106,10 @@ class Truth:
         present among the candidates and gathered: a whole corpus costs a few hundred
         activation rows instead of one per ad. `position` is a slot (or one per ad)."""
         ads = np.asarray(ads, np.int64)
-        seq = np.asarray(hist, np.int32).reshape(1, -1)
-        if seq.shape[1] == 0:  # no behaviours: one pad, which reads as "no history"
-            seq = np.full((1, 1), -1, np.int32)
+        # padded to the generator's width: the same reductions, so the same float result
+        given = np.asarray(hist, np.int32).reshape(-1)
+        seq = np.full((1, max(self.sequence_len, given.size, 1)), -1, np.int32)
+        seq[0, :given.size] = given
         self._check_ids(np.asarray([user], np.int64), ads)
         category = self.market.ads["category_id"][ads]
         cats, first, inverse = np.unique(category, return_index=True, return_inverse=True)

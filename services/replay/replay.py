@@ -73,7 +73,7 @@ def run_replay(data_dir: str | Path, bundle_path: str | Path, requests: int, *, 
         version = bundle.version
     else:
         shared = load_shared(root, str(bundle_path), arms)
-        logs = asyncio.run(_run_arms(arms, shared, cfg, traffic, progress))
+        logs = asyncio.run(run_arms(arms, shared, cfg, traffic, progress))
         version = shared.version
     figures = {name: report.arm_figures(log) for name, log in logs.items()}
     for name, extra in report.comparisons(logs, seed).items():
@@ -89,7 +89,7 @@ def run_replay(data_dir: str | Path, bundle_path: str | Path, requests: int, *, 
     }
 
 
-async def _run_arms(arms: tuple[str, ...], shared: Shared, cfg: ReplayConfig, traffic: Any,
+async def run_arms(arms: tuple[str, ...], shared: Shared, cfg: ReplayConfig, traffic: Any,
                     progress: Any) -> dict[str, ArmLog]:
     logs: dict[str, ArmLog] = {}
     for arm in arms:
