@@ -30,6 +30,10 @@ def replay(
     funnel_requests: int = typer.Option(100, "--funnel-requests", help="Requests sampled for "
                                         "each arm's own funnel (the cascade's costs a DIN+ESMM "
                                         "pass over the whole corpus)."),
+    full_ranker_requests: int = typer.Option(0, "--full-ranker-requests", help="Replay only "
+                                             "the first N requests in the full-ranker arm "
+                                             "(DIN+ESMM over the whole corpus per request); "
+                                             "comparisons with it pair that prefix. 0 = all."),
 ) -> None:
     """Serve the same requests through each arm, answer them with the simulator's true pCTR
     and pCVR, feed the events back, and report revenue, advertiser value and the funnel."""
@@ -42,8 +46,9 @@ def replay(
 
     if requests < 1:
         raise ValueError("--requests must be at least 1")
-    if top_n < 1 or funnel_requests < 0:
-        raise ValueError("--top-n must be at least 1 and --funnel-requests at least 0")
+    if top_n < 1 or funnel_requests < 0 or full_ranker_requests < 0:
+        raise ValueError("--top-n must be at least 1, --funnel-requests and "
+                         "--full-ranker-requests at least 0")
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip()) or ARMS
     unknown = [a for a in chosen if a not in ARMS]
     if unknown:
@@ -52,10 +57,13 @@ def replay(
         raise ValueError(f"data directory not found: {data}")
     if not bundle.exists():
         raise ValueError(f"bundle not found: {bundle}")
-    config = ReplayConfig(top_n=top_n, funnel_requests=funnel_requests)
-    n_arms = 1 if url else len(chosen)
+    config = ReplayConfig(top_n=top_n, funnel_requests=funnel_requests,
+                          full_ranker_requests=full_ranker_requests)
+    per_arm = {arm: requests for arm in (("cascade",) if url else chosen)}
+    if "full-ranker" in per_arm and full_ranker_requests:
+        per_arm["full-ranker"] = min(requests, full_ranker_requests)
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("replay", total=requests * n_arms)
+        task = bar.add_task("replay", total=sum(per_arm.values()))
         result = run_replay(data, bundle, requests, seed=seed, url=url or None, arms=chosen,
                             config=config,
                             progress=lambda arm: bar.update(task, advance=1,
@@ -63,7 +71,7 @@ def replay(
     json_path, png = write_outputs(result, out)
     console.print(f"replay: {requests} requests, bundle {result['bundle']}, seed {seed} "
                   f"({result['mode']})")
-    console.print(table(result["arms"]), markup=False, highlight=False)
+    print(table(result["arms"]))
     goals = result["goals"]
     console.print(f"cascade / full-ranker expected revenue, paired-bootstrap 95% lower bound: "
                   f"{goals['cascade_vs_full_ranker_lower_95']}", markup=False)

@@ -64,6 +64,10 @@ class ReplayConfig:
 
     top_n: int = 10  # the funnel's top N (the auction stage uses the request's slot count)
     funnel_requests: int = 100  # requests sampled for the arms' own funnel (a corpus-wide DIN)
+    # the full-ranker arm scores the whole corpus with DIN+ESMM per request (seconds each at
+    # 100k ads on a CPU): it may replay only the first N requests (0 = all); comparisons with
+    # it are then paired over that common prefix
+    full_ranker_requests: int = 0
     budget_ms: float = 10_000.0
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
 

@@ -82,6 +82,8 @@ def run_replay(data_dir: str | Path, bundle_path: str | Path, requests: int, *, 
         "data": str(root), "bundle": version, "requests": requests, "seed": seed,
         "mode": "http" if url else "in-process", "top_n": cfg.top_n,
         "budget_ms": cfg.budget_ms,
+        "full_ranker_requests": len(logs["full-ranker"].columns["slots"])
+        if "full-ranker" in logs else 0,
         "k": {"retrieval": cfg.gateway.k1, "screen": cfg.gateway.k2, "prerank": cfg.gateway.k3},
         "arms": figures,
         "goals": report.goals(figures),
@@ -93,7 +95,10 @@ async def run_arms(arms: tuple[str, ...], shared: Shared, cfg: ReplayConfig, tra
                     progress: Any) -> dict[str, ArmLog]:
     logs: dict[str, ArmLog] = {}
     for arm in arms:
-        logs[arm] = await ArmRun(arm, shared, cfg, traffic, progress).run()
+        replayed = traffic
+        if arm == "full-ranker" and 0 < cfg.full_ranker_requests < len(traffic.requests):
+            replayed = traffic.prefix(cfg.full_ranker_requests)
+        logs[arm] = await ArmRun(arm, shared, cfg, replayed, progress).run()
     return logs
 
 

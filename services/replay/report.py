@@ -35,6 +35,7 @@ def arm_figures(log: ArmLog) -> dict[str, Any]:
     revenue, value = float(c["revenue"].sum()), float(c["advertiser_value"].sum())
     expected, allocated = float(c["expected_revenue"].sum()), float(c["allocated_value"].sum())
     return {
+        "requests": n,
         "expected_revenue_per_1k": _per_1k(expected, n),
         "revenue_per_1k": _per_1k(revenue, n),
         "ctr": round(clicks / imps, 5) if imps else 0.0,
@@ -83,19 +84,23 @@ def paired_ratio(arm: np.ndarray, base: np.ndarray, seed: int,
 
 
 def comparisons(logs: dict[str, ArmLog], seed: int) -> dict[str, dict[str, Any]]:
-    """Per arm: ratios against `full-ranker` (bootstrapped) and the oracle (the ceiling)."""
+    """Per arm: ratios against `full-ranker` (bootstrapped) and the oracle (the ceiling),
+    paired over the requests both replayed (a common prefix)."""
     out: dict[str, dict[str, Any]] = {}
     for name, log in logs.items():
         entry: dict[str, Any] = {}
         if BASELINE in logs:
-            base = logs[BASELINE].columns
+            base = logs[BASELINE]
+            m = min(log.n, base.n)
             entry["vs_full_ranker"] = {
-                key: paired_ratio(log.columns[key], base[key], seed)
+                key: paired_ratio(log.columns[key][:m], base.columns[key][:m], seed)
                 for key in ("expected_revenue", "allocated_value", "advertiser_value")}
+            entry["vs_full_ranker"]["paired_requests"] = m
         if "oracle" in logs:
-            oracle = logs["oracle"].columns
-            entry["vs_oracle"] = {key: _ratio(float(log.columns[key].sum()),
-                                              float(oracle[key].sum()))
+            oracle = logs["oracle"]
+            m = min(log.n, oracle.n)
+            entry["vs_oracle"] = {key: _ratio(float(log.columns[key][:m].sum()),
+                                              float(oracle.columns[key][:m].sum()))
                                   for key in ("expected_revenue", "allocated_value")}
         out[name] = entry
     return out
@@ -118,7 +123,7 @@ def goals(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def table(arms: dict[str, dict[str, Any]]) -> str:
     """The printed table (also what the README quotes)."""
-    head = ("arm", "E[rev]/1k", "rev/1k", "CTR", "CVR", "value/1k", "alloc/1k",
+    head = ("arm", "requests", "E[rev]/1k", "rev/1k", "CTR", "CVR", "value/1k", "alloc/1k",
             "vs full-ranker [95% CI]", "reach ranker vs oracle")
     rows = []
     for name, a in arms.items():
@@ -126,7 +131,8 @@ def table(arms: dict[str, dict[str, Any]]) -> str:
         ci = vs.get("ci95")
         ratio = f"{vs['ratio']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
         reach = a["funnel_vs_oracle"].get("prerank")
-        rows.append((name, f"{a['expected_revenue_per_1k']:,.0f}", f"{a['revenue_per_1k']:,.0f}",
+        rows.append((name, str(a["requests"]), f"{a['expected_revenue_per_1k']:,.0f}",
+                     f"{a['revenue_per_1k']:,.0f}",
                      f"{a['ctr']:.4f}", f"{a['cvr']:.4f}", f"{a['advertiser_value_per_1k']:,.0f}",
                      f"{a['allocated_value_per_1k']:,.0f}", ratio,
                      "-" if reach is None else f"{reach:.3f}"))

@@ -51,6 +51,10 @@ class Traffic:
     u_conversion: np.ndarray  # [requests, max slots]
     seed: int
 
+    def prefix(self, n: int) -> Traffic:
+        """The first `n` requests with their draws (an arm too costly for all of them)."""
+        return Traffic(self.requests[:n], self.u_click[:n], self.u_conversion[:n], self.seed)
+
 
 def draw_traffic(data_dir: str | Path, n: int, seed: int,
                  scenes: str = DEFAULT_SCENES, zipf_s: float = 1.1) -> Traffic:
