@@ -117,3 +117,47 @@ def test_cli_writes_json_table_and_plot(tiny_data, tiny_bundle, tmp_path):
                 "funnel_vs_oracle"} <= set(result["arms"][arm])
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "cascade" in proc.stdout and "oracle" in proc.stdout
+
+
+@pytest.mark.slow
+def test_url_mode_replays_the_cascade_arm_over_http(tiny_data, tiny_bundle, tmp_path):
+    """`--url`: a real gateway process (`cascade serve all`) gets the requests and every
+    impression, click and conversion event; only the cascade arm runs, without a funnel."""
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CASCADE_AUTH": "off", "CASCADE_TOKEN_SECRET": "replay-test-secret-0123"}
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(CASCADE + ["serve", "all", "--bundle", str(tiny_bundle), "--data",
+                                       str(tiny_data), "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "gateway not ready"
+            time.sleep(0.3)
+        result = run_replay(tiny_data, tiny_bundle, 6, seed=2, url=url)
+        assert result["mode"] == "http" and list(result["arms"]) == ["cascade"]
+        cascade = result["arms"]["cascade"]
+        assert cascade["impressions"] > 0 and cascade["funnel"]["retrieval"] is None
+        metrics = httpx.get(url + "/metrics", timeout=5.0).text
+        accepted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                       if line.startswith("cascade_gateway_events_total")
+                       and 'type="impression"' in line and 'outcome="ok"' in line)
+        assert accepted == cascade["impressions"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
