@@ -30,6 +30,22 @@ def test_ideal_set_is_best_ecpm_one_per_campaign(funnel):
     assert chosen[0] == ids[-1]  # the highest eCPM leads
 
 
+def test_ideal_set_head_only_equals_a_full_sort(funnel):
+    """The partitioned head gives what sorting everything gives, ties and few campaigns too."""
+    view = funnel.catalog.view
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        ids = rng.choice(view.ads.ad_id[:view.n_ads], size=int(rng.integers(1, 3000)),
+                         replace=False)
+        ecpm = rng.integers(0, 5 if trial % 2 else 10_000, ids.size).astype(np.float64)
+        n = int(rng.integers(1, 40))
+        order = np.lexsort((ids, -ecpm))
+        campaigns = view.ads.campaign_id[funnel.catalog.rows_of(ids[order])]
+        _, first = np.unique(campaigns, return_index=True)
+        expected = order[np.sort(first)][:n]
+        np.testing.assert_array_equal(top_per_campaign(funnel.catalog, ids, ecpm, n), expected)
+
+
 def test_each_stage_keeps_a_subset_of_the_one_before(funnel, tiny_data):
     split = TimeSplit.from_dict(funnel.bundle.manifest["split"])
     req = sample_requests(tiny_data, split, 1, seed=3)[0]

@@ -90,11 +90,27 @@ def _ecpm(catalog: Catalog, ad_ids: np.ndarray, pctr: np.ndarray, pcvr: np.ndarr
 
 
 def top_per_campaign(catalog: Catalog, ad_ids: np.ndarray, ecpm: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the best `n` ads by eCPM, at most one per campaign (the auction's rule)."""
-    order = np.lexsort((ad_ids, -ecpm))
-    campaigns = catalog.view.ads.campaign_id[catalog.rows_of(ad_ids[order])]
-    _, first = np.unique(campaigns, return_index=True)
-    return order[np.sort(first)][:n]
+    """Indices of the best `n` ads by eCPM, at most one per campaign (the auction's rule;
+    ties: lower ad id first).
+
+    Only the head of the order matters, so it sorts every ad scoring at least the k-th best
+    (a prefix of the full order, ties included) and widens k only when that head holds fewer
+    than `n` campaigns: a whole-corpus call costs a partition, not a sort of 100k ads."""
+    ecpm = np.asarray(ecpm, np.float64)
+    size = ad_ids.size
+    k = min(size, max(64, 8 * n))
+    while True:
+        if k < size:
+            threshold = np.partition(ecpm, size - k)[size - k]
+            head = np.flatnonzero(ecpm >= threshold)
+        else:
+            head = np.arange(size)
+        order = head[np.lexsort((ad_ids[head], -ecpm[head]))]
+        campaigns = catalog.view.ads.campaign_id[catalog.rows_of(ad_ids[order])]
+        _, first = np.unique(campaigns, return_index=True)
+        if first.size >= n or k >= size:
+            return order[np.sort(first)][:n]
+        k = min(size, 4 * k)
 
 
 class Funnel:

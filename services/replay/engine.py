@@ -220,7 +220,9 @@ class ArmRun:
         self.clock.sim_s = req.sim_s
         user = await gw.store.get_user_context(req.user_id)
         hist = np.asarray(user.hist_ad_id, np.int64)
-        eligible = self._eligible(req, user.caps)
+        # arms that screen the whole corpus with K2 unbounded screen exactly the eligible set
+        # themselves (the same call, seed and pacing state): read it off their trace instead
+        eligible = None if self._screens_all else self._eligible(req, user.caps)
         self.trace.reset()
         response = await gw.serve_ads(wire.AdsRequest(
             request_id=req.request_id, user_id=req.user_id, scene=req.scene, slots=req.slots,
@@ -233,17 +235,24 @@ class ArmRun:
         ads = np.asarray([s.ad_id for s in slots], np.int64)
         if ads.size:
             await self._outcomes(req, slots, ads, hist)
+        if eligible is None:
+            eligible = self.trace.screened
         self._funnel(req, eligible, user, ads)
 
-    def _eligible(self, req: ReplayRequest, caps: dict[int, int]) -> Any:
+    @property
+    def _screens_all(self) -> bool:
+        return self.arm in ("full-ranker", "oracle", "dqm-only")
+
+    def _eligible(self, req: ReplayRequest, caps: dict[int, int]) -> np.ndarray:
         """Every ad the cascade could serve this request: servable in the scene and through
-        pacing and frequency caps, with screening's own seed (the same draws)."""
+        pacing and frequency caps, with screening's own seed (the same draws). In Qscore-eCPM
+        order, so the qscore-only arm's own ranking is its order."""
         gw = self.gateway
         catalog = gw.catalog
         corpus = catalog.view.ads.ad_id[catalog.servable(req.scene)]
         return screen(corpus, scene=req.scene, caps=caps, catalog=catalog, pacer=gw.pacer,
                       policy=ScreenPolicy(UNBOUNDED, gw.config.freq_cap, gw.cascade.prior_cvr),
-                      seed=zlib.crc32(req.request_id.encode()))
+                      seed=zlib.crc32(req.request_id.encode())).ad_ids
 
     async def _outcomes(self, req: ReplayRequest, slots: list[wire.AdSlot], ads: np.ndarray,
                         hist: np.ndarray) -> None:
@@ -277,20 +286,23 @@ class ArmRun:
         await gw.pacer.refresh()
 
     # -- funnel ------------------------------------------------------------------------------
-    def _funnel(self, req: ReplayRequest, eligible: Any, user: UserContext,
+    def _funnel(self, req: ReplayRequest, ids: np.ndarray, user: UserContext,
                 winners: np.ndarray) -> None:
         """Shares of the oracle's top N (every request) and of the arm's own top N (sampled
         requests) still present after each stage of this request."""
-        ids = eligible.ad_ids
         if ids.size == 0:
             return
         catalog, truth = self.gateway.catalog, self.shared.truth
-        pctr, pcvr = truth.request(int(req.user_id), user.hist_ad_id, req.scene, 0, ids)
+        ranked = self.trace.ranked
+        if self.arm == "oracle" and ranked is not None and ranked.ad_ids.size == ids.size:
+            ids, pctr, pcvr = ranked.ad_ids, ranked.pctr, ranked.pcvr  # the truth, already
+        else:
+            pctr, pcvr = truth.request(int(req.user_id), user.hist_ad_id, req.scene, 0, ids)
         ocpa, bid, tcpa = truth.bid_terms(ids)
         true_ecpm = ecpm(pctr, click_value(ocpa, bid, tcpa, pcvr))
         self._shares(self.log.vs_oracle, catalog, ids, true_ecpm, req.slots, winners)
         if req.index in self.funnel_rows:
-            own = true_ecpm if self.arm == "oracle" else self._own_ecpm(req, eligible, user)
+            own = true_ecpm if self.arm == "oracle" else self._own_ecpm(req, ids, user)
             self._shares(self.log.funnel, catalog, ids, own, req.slots, winners)
 
     def _shares(self, into: dict[str, list[float]], catalog: Any, ids: np.ndarray,
@@ -303,11 +315,11 @@ class ArmRun:
         best = ids[top_per_campaign(catalog, ids, scores, slots)]
         into["auction"].append(float(np.isin(best, winners).mean()))
 
-    def _own_ecpm(self, req: ReplayRequest, eligible: Any, user: UserContext) -> np.ndarray:
+    def _own_ecpm(self, req: ReplayRequest, ids: np.ndarray, user: UserContext) -> np.ndarray:
         """The arm's final scorer over the eligible corpus, priced as its auction prices."""
-        ids, view = eligible.ad_ids, self.gateway.catalog.view
-        if self.arm == "qscore-only":
-            return eligible.estimate
+        view = self.gateway.catalog.view
+        if self.arm == "qscore-only":  # screening's order is the Qscore eCPM order
+            return -np.arange(ids.size, dtype=np.float64)
         # the stage request exactly as the cascade builds it (Cascade._features_done)
         request = wire.RankRequest(
             request_id=req.request_id, user_id=req.user_id, scene=req.scene,
