@@ -88,3 +88,20 @@ def test_refuses_unknown_ids_and_unsimulated_data(truth, tiny_data, tmp_path):
     (copy / layout.SUMMARY_FILE).write_text(json.dumps({"ads": 1}))
     with pytest.raises(TruthUnavailable):
         Truth.from_dataset(copy)
+
+
+def test_serving_code_never_imports_the_truth():
+    """Only offline tools (replay, funnel) may know the truth: the gateway and stages must
+    not import it, even indirectly."""
+    import subprocess
+    import sys
+
+    serving = ("services.gateway.app", "services.gateway.stage_loaders",
+               "services.rank.ranker", "services.prerank.preranker", "services.retrieval.state")
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in serving)
+            + "print(sorted(m for m in sys.modules if m in ('models.data.truth', "
+              "'services.replay', 'models.data.simulator')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
