@@ -137,7 +137,8 @@ def funnel(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Share of the full ranker's top-N (over the whole eligible corpus) that survives
-    retrieval, screening and DQM, and the eCPM the cascade loses."""
+    retrieval, screening and DQM, and the eCPM the cascade loses; on simulated data also the
+    share of the oracle's top-N (true eCPM) and the true eCPM lost."""
     from rich.progress import Progress
 
     from services.gateway.funnel import run_funnel
@@ -153,9 +154,15 @@ def funnel(
     table.add_column("after stage")
     table.add_column("K", justify="right")
     table.add_column("share of top-N kept", justify="right")
+    oracle = result.get("vs_oracle")
+    if oracle:
+        table.add_column("of the oracle's top-N", justify="right")
     for stage, share in result["survival"].items():
-        table.add_row(stage, str(result["k"][stage]), f"{share:.3f}")
+        extra = [f"{oracle['survival'][stage]:.3f}"] if oracle else []
+        table.add_row(stage, str(result["k"][stage]), f"{share:.3f}", *extra)
     console.print(table)
+    if oracle:
+        console.print(f"true eCPM lost against the oracle: {100 * oracle['ecpm_lost']:.2f}%")
     console.print(f"eCPM lost by the cascade: {100 * result['ecpm_lost']:.2f}%  "
                   f"(goal: >= 90% of the top-{top_n} reach the ranker: "
                   f"{'met' if result['goal']['met'] else 'missed'})")

@@ -52,6 +52,7 @@ COMMAND_MODULES = (
     "cli.commands_serve",  # serve
     "cli.commands_bench",  # bench stages, bench e2e
     "cli.commands_stack",  # stack up|down|status
+    "cli.commands_replay",  # replay
 )
 
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.data.sim_config import SimConfig
+from models.pricing import click_value
 
 GENDERS = ("female", "male", "unknown")
 DEVICES = ("ios", "android", "web")
@@ -233,8 +234,7 @@ def build_marketplace(cfg: SimConfig, seed: int, sequence_len: int = 50) -> Mark
     log_price = np.log(ads["price_micros"].astype(np.float64))
     price_z = (log_price - log_price.mean()) / max(log_price.std(), 1e-9)
     popularity = np.exp(p.popularity_sigma * rng_ads.standard_normal(n))
-    value = np.where(ads["bid_type"] == "ocpa", ads["target_cpa_micros"] * 0.05,
-                     ads["bid_micros"]).astype(np.float64)
+    value = click_value(ads["bid_type"] == "ocpa", ads["bid_micros"], ads["target_cpa_micros"])
     weight = popularity ** p.popularity_power * (value / np.median(value)) ** p.bid_power
     active = ads["status"] == "active"
     scene_w = weight[None, :] * (mask.T & active[None, :])

@@ -30,6 +30,7 @@ from models.data import layout
 from models.data.dataset import EncodedLog, dataset_schema, load_encoded_log, open_marketplace
 from models.features import FeatureSchema
 from models.nn import Qscore, build_model, default_config, estimate_log_q
+from models.pricing import PRIOR_CVR, qscore_ecpm
 from models.train.loop import Batch, FitConfig, Progress, fit, predict
 from models.train.metrics import auc, gauc
 from models.train.rare_ids import RareIds, RareIdSource
@@ -186,7 +187,7 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
     info: dict[str, Any] = {"vectors": {}}
     base_ctr = float(log.click[train_idx].mean())
     clicked = log.click[train_idx] > 0
-    base_cvr = float(log.conversion[train_idx][clicked].mean()) if clicked.any() else 0.05
+    base_cvr = float(log.conversion[train_idx][clicked].mean()) if clicked.any() else PRIOR_CVR
     try:
         for name in options.models:
             if name == "qscore":
@@ -277,13 +278,12 @@ def _train_qscore(writer: BundleWriter, log: EncodedLog, train_idx: np.ndarray,
     clicks = np.bincount(pos, weights=log.click[train_idx], minlength=len(ad_ids)).astype(np.int64)
     prior = Qscore.fit(impressions, clicks)
     clicked = log.click[train_idx] > 0
-    prior_cvr = float(log.conversion[train_idx][clicked].mean()) if clicked.any() else 0.05
+    prior_cvr = float(log.conversion[train_idx][clicked].mean()) if clicked.any() else PRIOR_CVR
     writer.save_arrays(QSCORE_COUNTS_FILE, {"ad_ids": ad_ids, "impressions": impressions,
                                             "clicks": clicks})
     qctr = prior.score(impressions, clicks)
-    click_value = np.where(ads["bid_type"] == "ocpa", ads["target_cpa_micros"] * prior_cvr,
-                           ads["bid_micros"]).astype(np.float64)
-    ecpm = (1000.0 * qctr * click_value).astype(np.float32)
+    ecpm = qscore_ecpm(qctr, ads["bid_type"] == "ocpa", ads["bid_micros"],
+                       ads["target_cpa_micros"], prior_cvr).astype(np.float32)
     writer.save_arrays(COLD_START_FILE, {"ad_ids": ad_ids, "ecpm": ecpm})
     entry = {"file": QSCORE_COUNTS_FILE, "prior": prior.to_dict(),
              "prior_mean": round(prior.prior_mean, 6), "cold_start": COLD_START_FILE}

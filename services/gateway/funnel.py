@@ -6,6 +6,10 @@ ideal. The cascade then runs with the serving stages and the gateway's own scree
 recall (K1) -> screen (K2 by Qscore eCPM) -> pre-rank (K3 by DQM). The report gives the share
 of the ideal top N that is still present after each stage, and the eCPM the cascade's final top
 N loses against the ideal (both priced by the same ranker, so only the funnel differs).
+
+On a simulated dataset the same is reported against the oracle: the top N by TRUE eCPM (the
+simulator's pCTR and pCVR, rebuilt by models.data.truth) over the same corpus, and the true
+eCPM the cascade's final top N loses against it (which counts the ranker's errors too).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import pyarrow.parquet as pq
 
 from models.bundle import read_bundle
 from models.data import layout
-from models.pricing import ecpm
+from models.data.truth import Truth, TruthUnavailable
+from models.pricing import click_value, ecpm
 from models.train.split import ColumnSplit, Split, split_from_dict
 from services.common import wire
 from services.common.config import Settings
@@ -40,6 +45,7 @@ class FunnelRequest:
     """One logged request in wire terms."""
 
     request_id: int
+    user_id: int
     scene: str
     user: dict[str, Any]
     hist: dict[str, wire.Column]
@@ -71,9 +77,10 @@ def sample_requests(data_dir: Path, split: Split, n: int, seed: int) -> list[Fun
         user = {c: users[c][row] for c in profile_cols} if row is not None else {}
         hist = {name: wire.Column(ints=np.asarray(requests[name][i] or [], dtype=np.int64))
                 for name in ("hist_ad_id", "hist_category_id") if name in requests}
-        out.append(FunnelRequest(int(requests["request_id"][i]), str(requests["scene"][i]), user,
-                                 hist, {"hour": int(requests["hour"][i]),
-                                        "device": str(requests["device"][i]), "position": 0}))
+        context = {"hour": int(requests["hour"][i]), "device": str(requests["device"][i]),
+                   "position": 0}
+        out.append(FunnelRequest(int(requests["request_id"][i]), int(requests["user_id"][i]),
+                                 str(requests["scene"][i]), user, hist, context))
     return out
 
 
@@ -83,11 +90,27 @@ def _ecpm(catalog: Catalog, ad_ids: np.ndarray, pctr: np.ndarray, pcvr: np.ndarr
 
 
 def top_per_campaign(catalog: Catalog, ad_ids: np.ndarray, ecpm: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the best `n` ads by eCPM, at most one per campaign (the auction's rule)."""
-    order = np.lexsort((ad_ids, -ecpm))
-    campaigns = catalog.view.ads.campaign_id[catalog.rows_of(ad_ids[order])]
-    _, first = np.unique(campaigns, return_index=True)
-    return order[np.sort(first)][:n]
+    """Indices of the best `n` ads by eCPM, at most one per campaign (the auction's rule;
+    ties: lower ad id first).
+
+    Only the head of the order matters, so it sorts every ad scoring at least the k-th best
+    (a prefix of the full order, ties included) and widens k only when that head holds fewer
+    than `n` campaigns: a whole-corpus call costs a partition, not a sort of 100k ads."""
+    ecpm = np.asarray(ecpm, np.float64)
+    size = ad_ids.size
+    k = min(size, max(64, 8 * n))
+    while True:
+        if k < size:
+            threshold = np.partition(ecpm, size - k)[size - k]
+            head = np.flatnonzero(ecpm >= threshold)
+        else:
+            head = np.arange(size)
+        order = head[np.lexsort((ad_ids[head], -ecpm[head]))]
+        campaigns = catalog.view.ads.campaign_id[catalog.rows_of(ad_ids[order])]
+        _, first = np.unique(campaigns, return_index=True)
+        if first.size >= n or k >= size:
+            return order[np.sort(first)][:n]
+        k = min(size, 4 * k)
 
 
 class Funnel:
@@ -102,6 +125,10 @@ class Funnel:
         self.rank = load_stage("rank", bundle_path, settings)
         prior, counts, self.prior_cvr = bundle_priors(self.bundle)
         self.qscores = QscoreTable(prior, counts)
+        try:
+            self.truth: Truth | None = Truth.from_dataset(data_dir)
+        except TruthUnavailable:  # an imported dataset: no oracle to compare with
+            self.truth = None
         self.catalog = Catalog(scenes=tuple(self.config.scenes), qscore=self.qscores.ctr)
         store = MemoryStore()
         asyncio.run(self._load(store, data_dir))
@@ -149,6 +176,30 @@ class Funnel:
         ideal_sum = float(sum(ecpm_of[int(a)] for a in ideal))
         out["ecpm_lost"] = 1.0 - float(final_ecpm[chosen].sum()) / max(ideal_sum, 1e-12)
         out["corpus"] = float(corpus.size)
+        if self.truth is not None:
+            out.update(self.against_oracle(req, corpus, stages, final[chosen], top_n))
+        return out
+
+    def true_ecpm(self, req: FunnelRequest, ad_ids: np.ndarray) -> np.ndarray:
+        """eCPM under the simulator's true pCTR and pCVR (first slot, as the ranker scores)."""
+        assert self.truth is not None
+        hist = req.hist.get("hist_ad_id")
+        seq = hist.ints if hist is not None and hist.ints is not None else np.empty(0, np.int64)
+        pctr, pcvr = self.truth.request(req.user_id, seq, req.scene, 0, ad_ids)
+        ocpa, bid, tcpa = self.truth.bid_terms(ad_ids)
+        return ecpm(pctr, click_value(ocpa, bid, tcpa, pcvr))
+
+    def against_oracle(self, req: FunnelRequest, corpus: np.ndarray,
+                       stages: dict[str, np.ndarray], final: np.ndarray,
+                       top_n: int) -> dict[str, float]:
+        """Survival of the oracle's top N, and the true eCPM the cascade's pick loses."""
+        true = self.true_ecpm(req, corpus)
+        ideal = top_per_campaign(self.catalog, corpus, true, top_n)
+        ideal_ids = corpus[ideal]
+        out = {f"oracle_{stage}": float(np.isin(ideal_ids, stages[stage]).mean())
+               for stage in STAGES}
+        picked = self.true_ecpm(req, final).sum() if final.size else 0.0
+        out["oracle_ecpm_lost"] = 1.0 - float(picked) / max(float(true[ideal].sum()), 1e-12)
         return out
 
 
@@ -168,6 +219,11 @@ def run_funnel(data_dir: str | Path, bundle_path: str | Path, requests: int, top
             progress()
     mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
     cfg = funnel.config
+    oracle = None
+    if funnel.truth is not None:
+        oracle = {"survival": {stage: round(mean[f"oracle_{stage}"], 4) for stage in STAGES},
+                  "reach_ranker": round(mean["oracle_prerank"], 4),
+                  "ecpm_lost": round(mean["oracle_ecpm_lost"], 4)}
     return {
         "requests": len(rows),
         "top_n": top_n,
@@ -178,4 +234,5 @@ def run_funnel(data_dir: str | Path, bundle_path: str | Path, requests: int, top
         "reach_ranker": round(mean["prerank"], 4),
         "ecpm_lost": round(mean["ecpm_lost"], 4),
         "goal": {"reach_ranker_at_least": 0.9, "met": bool(mean["prerank"] >= 0.9)},
+        "vs_oracle": oracle,
     }

@@ -22,6 +22,7 @@ import torch
 
 from models.bundle import QSCORE_COUNTS_FILE, Bundle, read_bundle
 from models.nn.qscore import Qscore
+from models.pricing import PRIOR_CVR
 from services.common import wire
 from services.common.config import Settings
 from services.common.features import FeatureEncoder, to_tensors
@@ -30,7 +31,7 @@ from services.gateway.service import Stages
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRIOR_CVR = 0.05
+DEFAULT_PRIOR_CVR = PRIOR_CVR  # when the bundle records no measured base rate
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from models.bundle import CATALOG_FILE, COLD_START_FILE, Bundle, read_bundle
-from models.pricing import qscore_ecpm
+from models.pricing import PRIOR_CVR, qscore_ecpm
 from services.common import wire
 from services.common.deadline import Deadline
 from services.common.store import Ad, ad_features
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 VECTORS_FILE = "two_tower_ad_vectors.safetensors"
 PRIOR_CTR = 0.01
-PRIOR_CVR = 0.05
 
 UserEncoder = Callable[[wire.RecallRequest], np.ndarray | None]
 
@@ -184,9 +183,9 @@ def _cold_scores(bundle: Bundle, ad_ids: np.ndarray, table: dict[str, list]) -> 
             continue
         bid_type = table["bid_type"][row] if "bid_type" in table else "cpc"
         if bid_type == "ocpa" and "target_cpa_micros" in table:
-            scores[i] = 1000 * ctr * cvr * float(table["target_cpa_micros"][row])
+            scores[i] = qscore_ecpm(ctr, True, 0, float(table["target_cpa_micros"][row]), cvr)
         elif "bid_micros" in table:
-            scores[i] = 1000 * ctr * float(table["bid_micros"][row])
+            scores[i] = qscore_ecpm(ctr, False, float(table["bid_micros"][row]), 0, cvr)
     return scores
 
 
