@@ -199,11 +199,16 @@ def stages(args: argparse.Namespace) -> None:
     replace_block("stages", "\n".join(lines))
 
 
+LOAD_TITLES = {"load": "End-to-end load: embedded",
+               "load-stack": "End-to-end load: the distributed stack"}
+
+
 def load(args: argparse.Namespace) -> None:
     result = json.loads(Path(args.summary).read_text())
     keys = ("offered_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "p999_ms",
             "error_rate", "degraded_share")
-    lines = ["### End-to-end load", "", f"`{args.command}` on {machine()}, Locust on the same "
+    title = LOAD_TITLES.get(args.block, "End-to-end load")
+    lines = [f"### {title}", "", f"`{args.command}` on {machine()}, Locust on the same "
              "machine:", "", "| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys),
              "| " + " | ".join(_fmt(result.get(k)) for k in keys) + " |"]
     extra = ("arrival_cv", "max_in_flight", "cpu_ms_per_request", "loadgen_cpu_ms_per_request",
