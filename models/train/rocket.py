@@ -52,6 +52,10 @@ class RocketPair(nn.Module):
         if self.config.share_embeddings:
             light.embeddings = booster.backbone.embeddings  # one set of tables, two readers
 
+    def parts(self) -> tuple[nn.Module, nn.Module]:
+        """The two networks that are saved and served separately."""
+        return (self.booster, self.light)
+
     def init_base_rates(self, ctr: float, cvr: float) -> None:
         self.booster.init_base_rates(ctr, cvr)
         self.light.init_base_rates(ctr, cvr)
