@@ -4,6 +4,8 @@ and the recall step's debug output names each candidate's channel."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,7 @@ def recommended_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFacto
     """A copy of tiny_bundle's root whose `current` carries a K recommendation."""
     root = tmp_path_factory.mktemp("ks_bundles")
     source = read_bundle(tiny_bundle)
-    (root / source.version).symlink_to(source.path, target_is_directory=True)
+    shutil.copytree(source.path, root / source.version, copy_function=os.link)
     (root / "current").symlink_to(source.version)
     path = publish_recommendation(root / source.version, RECOMMENDED, {"measured": "test"})
     assert (root / "current").resolve() == path.resolve()
