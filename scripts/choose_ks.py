@@ -41,6 +41,7 @@ K1S = (1000, 2000, 3000)
 K2S = (500, 1000, 2000, 3000)
 K3S = (100, 200, 300, 500)
 STAGES = ("retrieval", "screen", "prerank")
+CHEAPEST_SLACK = 1.2
 
 
 def validation_requests(data_dir: Path, funnel: Funnel, n: int, seed: int
@@ -131,16 +132,20 @@ def summarise(per_request: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def choose(curve: list[dict[str, Any]], target: float, budget_ms: float) -> dict[str, Any]:
+    """Least CPU reaching the target within the budget; else the best share within the
+    budget; else (no point fits the budget on this machine) the best share within
+    CHEAPEST_SLACK x the cheapest point's CPU, so the choice stays near the budget."""
     within = [p for p in curve if p["cpu_ms_total"] <= budget_ms]
     meeting = [p for p in within if p["prerank"] >= target]
     if meeting:
         best = min(meeting, key=lambda p: (p["cpu_ms_total"], -p["prerank"]))
-    elif within:
-        best = max(within, key=lambda p: (p["prerank"], -p["cpu_ms_total"]))
     else:
-        best = min(curve, key=lambda p: p["cpu_ms_total"])
+        if not within:
+            cheapest = min(p["cpu_ms_total"] for p in curve)
+            within = [p for p in curve if p["cpu_ms_total"] <= CHEAPEST_SLACK * cheapest]
+        best = max(within, key=lambda p: (p["prerank"], -p["cpu_ms_total"]))
     return {"ks": {k: best[k] for k in ("k1", "k2", "k3")}, "point": best,
-            "goal_met": bool(meeting)}
+            "goal_met": bool(meeting), "within_budget": best["cpu_ms_total"] <= budget_ms}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.record:
             path = publish_recommendation(args.bundle, choice["ks"], {
                 k: result[k] for k in ("bundle", "requests", "top_n", "target",
-                                       "cpu_budget_ms", "point", "goal_met")})
+                                       "cpu_budget_ms", "point", "goal_met", "within_budget")})
             result["recorded_in"] = str(path)
     except (ValueError, FileNotFoundError) as exc:
         print(f"choose_ks: {exc}", file=sys.stderr)
