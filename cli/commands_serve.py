@@ -92,7 +92,7 @@ def _gateway_app(role: str, settings, bundle: str | None, data: str | None):  # 
     if local and not bundle:
         raise CliError(f"no bundle: in-process stage(s) {', '.join(local)} need --bundle or "
                        f"CASCADE_BUNDLE (or set their CASCADE_<STAGE>_URL)")
-    config = GatewayConfig.from_dict(settings.extra.get("gateway", {}))
+    config = GatewayConfig.for_bundle_path(settings.extra.get("gateway", {}), bundle)
     gateway = Gateway(settings, config, build_stages(settings, bundle))
     data = data or settings.data
     if data and not settings.redis_url:

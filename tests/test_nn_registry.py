@@ -17,6 +17,7 @@ from tests.test_nn_support import random_batch, rows, tiny_schema, with_extra_pa
 SMALL = {
     "two_tower": {"hidden": [16], "out_dim": 8},
     "dqm": {"hidden": [16], "out_dim": 8},
+    "dqm_rocket": {"hidden": [16], "out_dim": 8},
     "din_esmm": {"attention_hidden": [8], "tower_hidden": [16, 8]},
     "base": {"attention_hidden": [8], "tower_hidden": [16, 8]},
     "cvr_base": {"attention_hidden": [8], "tower_hidden": [16, 8]},
@@ -26,7 +27,7 @@ SMALL = {
 def _score(name, model, batch):
     if name == "two_tower":
         return torch.cat([model.user_vector(batch), model.ad_vector(batch)], dim=-1)
-    if name == "dqm":
+    if name in ("dqm", "dqm_rocket"):
         return model(batch)
     return torch.stack(list(model.predict(batch).values()), dim=-1)
 

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from services.retrieval.index import build_index, build_value_index, normalize
-from services.retrieval.recall import AdCatalog, Recall, RecallQuery, UnknownAdError
+from services.retrieval.recall import AdCatalog, ChannelQuotas, Recall, RecallQuery, UnknownAdError
 from tests.test_retrieval_index import clustered_corpus
 
 SCENES = ("home_feed", "search", "product_detail")
+# These tests check the two-tower ANN channel alone (tests/test_recall_channels.py: the rest).
+ANN_ONLY = ChannelQuotas(category=0.0, high_value=0.0, new=0.0)
 
 
 def make_recall(n: int = 6000, exact_below: int = 1000, seed: int = 0):
@@ -26,7 +28,8 @@ def make_recall(n: int = 6000, exact_below: int = 1000, seed: int = 0):
     truth = {"scenes": dict(zip(ad_ids.tolist(), scenes, strict=True)),
              "status": dict(zip(ad_ids.tolist(), statuses, strict=True)),
              "cold": dict(zip(ad_ids.tolist(), cold.tolist(), strict=True))}
-    return Recall(index, catalog, tuned_k=spec.k), vectors, ad_ids, queries, truth
+    return (Recall(index, catalog, tuned_k=spec.k, quotas=ANN_ONLY), vectors, ad_ids, queries,
+            truth)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +182,8 @@ def make_value_recall(n: int = 400, dim: int = 16, seed: int = 0):
     ecpm[0], ecpm[1], ecpm[2] = 1_000.0, 4_000.0, 1e9
     index, spec = build_value_index(vectors, ad_ids, ecpm=ecpm, value_weight=W)
     catalog = AdCatalog.build(ad_ids, [["search"]] * n, ["active"] * n, ecpm)
-    return Recall(index, catalog, tuned_k=spec.k, value=spec.value), vectors, ad_ids, ecpm, query
+    return (Recall(index, catalog, tuned_k=spec.k, value=spec.value, quotas=ANN_ONLY), vectors,
+            ad_ids, ecpm, query)
 
 
 def test_value_recall_prefers_the_higher_value_of_two_equally_similar_ads():

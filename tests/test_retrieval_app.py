@@ -79,6 +79,10 @@ def write_value_bundle(root: Path, version: str, *, keep_index: bool = True):
     return spec, vectors, ad_ids, queries, ecpm
 
 
+# the two-tower channel alone (the other channels: tests/test_recall_channels.py)
+ANN_ONLY = {"category": 0.0, "high_value": 0.0, "new": 0.0}
+
+
 def test_value_aware_bundle_records_its_term_and_serves_by_value(tmp_path):
     spec, vectors, ad_ids, queries, ecpm = write_value_bundle(tmp_path / "a", "v1")
     manifest = json.loads((tmp_path / "a" / "v1" / "manifest.json").read_text())
@@ -97,12 +101,14 @@ def test_value_aware_bundle_records_its_term_and_serves_by_value(tmp_path):
         assert state.spec.value_weight == 0.05 and state.recall.dim == 32
         assert state.spec.value_mu == pytest.approx(spec.value_mu)
         for q, row in zip(queries[:4], want, strict=True):
-            got = state.handle(wire.RecallRequest(scene="search", k=50, user_vector=q * 2.0))
+            got = state.handle(wire.RecallRequest(scene="search", k=50, user_vector=q * 2.0,
+                                                  quotas=ANN_ONLY))
             assert got.ad_ids.tolist() == ad_ids[np.argsort(-row)[:50]].tolist()
         added = state.update(wire.CatalogUpdate(ad_id=77_777_777, vector=queries[0],
                                                 scenes=["search"], cold_score=float(ecpm.max())))
         assert added.added
-        top = state.handle(wire.RecallRequest(scene="search", k=3, user_vector=queries[0]))
+        top = state.handle(wire.RecallRequest(scene="search", k=3, user_vector=queries[0],
+                                              quotas=ANN_ONLY))
         assert top.ad_ids[0] == 77_777_777
         assert top.scores[0] == pytest.approx(
             1.0 + 0.05 * (np.log(ecpm.max()) - spec.value_mu), abs=1e-5)

@@ -82,7 +82,12 @@ class RankerConfig(JsonConfig):
 
 @dataclass(frozen=True)
 class TwoTowerConfig(JsonConfig):
-    """DSSM retrieval: both towers share `hidden`; `temperature` divides the cosine."""
+    """DSSM retrieval: both towers share `hidden`; `temperature` divides the cosine.
+
+    Ranker distillation (used when the trainer has a trained DIN+ESMM): each training row also
+    scores `distill_candidates` sampled ads, and a listwise KL pulls the tower's softmax over
+    them towards the ranker's (pCTR-normalised) one, weighted by `distill_weight` (0: off).
+    """
 
     kind: ClassVar[str] = "two_tower"
     hidden: tuple[int, ...] = (128, 64)
@@ -90,12 +95,17 @@ class TwoTowerConfig(JsonConfig):
     temperature: float = 0.05
     sparse_embeddings: bool = True
     init_std: float = 0.01
+    distill_weight: float = 1.0
+    distill_candidates: int = 16
 
     def __post_init__(self) -> None:
         self._check_hidden("hidden", self.hidden, allow_empty=True)
         self._check_positive("out_dim", self.out_dim)
         self._check_positive("temperature", self.temperature)
         self._check_positive("init_std", self.init_std)
+        if not isinstance(self.distill_weight, int | float) or self.distill_weight < 0:
+            raise ConfigError(f"{self.kind}.distill_weight: must be a number >= 0")
+        self._check_positive("distill_candidates", self.distill_candidates)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from models.nn.two_tower import TwoTower
 _MODELS: dict[str, tuple[type[nn.Module], type[JsonConfig]]] = {
     "two_tower": (TwoTower, TwoTowerConfig),
     "dqm": (Dqm, DqmConfig),
+    # the same network trained jointly with DIN+ESMM (Rocket); `dqm` stays the plain baseline
+    "dqm_rocket": (Dqm, DqmConfig),
     "din_esmm": (DinEsmm, RankerConfig),
     "base": (BaseModel, RankerConfig),
     "cvr_base": (CvrBase, RankerConfig),

@@ -15,6 +15,8 @@ from models.features.schema import FeatureSchema
 from models.nn.config import TwoTowerConfig
 from models.nn.layers import MLP, Batch, EmbeddingCollection, masked_mean
 
+CANDIDATE = "cand:"  # prefix of the sampled candidates' ad features in a distillation batch
+
 
 class TwoTower(nn.Module):
     """User tower: profile + mean-pooled behaviour. Ad tower: ad features. Both L2-normalised.
@@ -73,9 +75,31 @@ class TwoTower(nn.Module):
         target = torch.arange(len(ad_ids), device=logits.device)
         return F.cross_entropy(logits, target)
 
+    def distill_loss(self, batch: Batch) -> torch.Tensor:
+        """Listwise distillation from the ranker over sampled candidates.
+
+        `batch["teacher"]` [B, S] holds the ranker's log pCTR of S sampled ads per row, whose
+        ad features are `batch[CANDIDATE + name]` [B, S]. KL(softmax(teacher) || softmax(
+        cos / temperature)): the tower learns the ranker's order among ads it never saw
+        clicked, and at the ranker's scale (log pCTR), which is what a value-aware index
+        adds log eCPM to.
+        """
+        user = self.user_vector(batch)
+        names = self.embeddings.schema.names("ad")
+        shape = batch[CANDIDATE + names[0]].shape
+        cands = {n: batch[CANDIDATE + n].reshape(-1) for n in names}
+        ads = self.ad_vector(cands).reshape(shape[0], shape[1], -1)
+        student = torch.einsum("bd,bsd->bs", user, ads) / self.config.temperature
+        target = F.softmax(batch["teacher"].to(student.dtype), dim=-1)
+        return F.kl_div(F.log_softmax(student, dim=-1), target, reduction="batchmean")
+
     def training_loss(self, batch: Batch) -> torch.Tensor:
-        """`in_batch_loss` with `log_q` read from the batch when present."""
-        return self.in_batch_loss(batch, batch.get("log_q"))
+        """`in_batch_loss` with `log_q` read from the batch when present, plus the ranker
+        distillation when the batch carries teacher scores."""
+        loss = self.in_batch_loss(batch, batch.get("log_q"))
+        if "teacher" in batch and self.config.distill_weight > 0:
+            loss = loss + self.config.distill_weight * self.distill_loss(batch)
+        return loss
 
     def mba_l2(self, batch: Batch, lam: float) -> torch.Tensor:
         return self.embeddings.mba_l2(batch, lam)

@@ -20,7 +20,7 @@ from models.train.loop import predict
 from models.train.metrics import auc, calibration, gauc, logloss, recall_at_k, spearman
 from models.train.split import split_from_dict
 
-CTR_MODELS = ("din_esmm", "base", "dqm", "qscore")
+CTR_MODELS = ("din_esmm", "base", "dqm", "dqm_rocket", "qscore")
 CVR_MODELS = ("din_esmm", "cvr_base")
 RECALL_KS = (100, 500, 1000)
 

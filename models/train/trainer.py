@@ -34,10 +34,18 @@ from models.pricing import PRIOR_CVR, qscore_ecpm
 from models.train.loop import Batch, FitConfig, Progress, fit, predict
 from models.train.metrics import auc, gauc
 from models.train.rare_ids import RareIds, RareIdSource
+from models.train.rocket import RocketConfig, RocketPair
 from models.train.split import Split, choose_split, split_from_dict
+from models.train.teacher import RankerTeacher
 
 NEURAL_MODELS = ("two_tower", "dqm", "din_esmm", "base", "cvr_base")
-ALL_MODELS = ("two_tower", "dqm", "din_esmm", "qscore", "base", "cvr_base")
+# `dqm_rocket`: DQM trained jointly with DIN+ESMM (models/train/rocket.py), beside the plain
+# `dqm` (its baseline). When trained it is the bundle's pre-ranker: manifest["prerank_model"].
+ROCKET = "dqm_rocket"
+ALL_MODELS = ("two_tower", "dqm", "din_esmm", "qscore", "base", "cvr_base", ROCKET)
+# Training order: the ranker first, since the Rocket pair is compared with it and the
+# two-tower distils it.
+TRAIN_ORDER = ("qscore", "din_esmm", ROCKET, "dqm", "two_tower", "base", "cvr_base")
 # The bundle's file names live in models.bundle (serving reads them without this module);
 # re-exported here for callers that still import them from the trainer.
 __all__ = ["ALL_MODELS", "CAMPAIGNS_FILE", "CATALOG_FILE", "COLD_START_FILE", "NEURAL_MODELS",
@@ -61,6 +69,7 @@ class TrainOptions:
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_rows: int | None = None  # read at most this many (earliest) impressions
     device: str | None = None  # None: CUDA when present, else CPU
+    rocket: RocketConfig = field(default_factory=RocketConfig)
 
     def resolved_device(self) -> torch.device:
         if self.device:
@@ -86,7 +95,7 @@ def encode_catalog(schema: FeatureSchema, ads: dict[str, np.ndarray]) -> dict[st
 
 CLICKED_ONLY = ("two_tower", "cvr_base")
 # The two-tower's sampled softmax corrects by each ad's sampling probability, per raw ad id.
-RARE_ID_MODELS = ("dqm", "din_esmm", "base", "cvr_base")
+RARE_ID_MODELS = ("dqm", "din_esmm", "base", "cvr_base", ROCKET)
 
 
 def _fit_config(name: str, base: FitConfig) -> FitConfig:
@@ -147,8 +156,10 @@ def _valid_score(name: str, source: Any, log: EncodedLog, device: torch.device
             clicked = log.click[idx] > 0
             return auc(log.conversion[idx][clicked], out["pcvr"][clicked])
         value = auc(log.click[idx], out["pctr"])
-        if name == "din_esmm":  # both heads: the CVR tower must not be sacrificed for CTR
+        if name in ("din_esmm", ROCKET):  # both heads: the CVR tower must not be sacrificed
             value += auc(log.click[idx] * log.conversion[idx], out["pctcvr"])
+        if name == ROCKET:  # the pair: the booster's heads and the light net's CTR
+            value += auc(log.click[idx], out["dqm_pctr"])
         return value
 
     return score
@@ -165,6 +176,129 @@ def _ad_vectors(model: torch.nn.Module, catalog: dict[str, np.ndarray],
                      for k, v in catalog.items()}
             parts.append(model.ad_vector(batch).float().cpu().numpy())
     return np.concatenate(parts).astype(np.float32)
+
+
+@dataclass
+class _Run:
+    """One training run's shared inputs; `fit_one` trains one network on its rows."""
+
+    schema: FeatureSchema
+    options: TrainOptions
+    log: EncodedLog
+    train_idx: np.ndarray
+    valid_idx: np.ndarray
+    device: torch.device
+    progress: Progress | None
+    base_rates: tuple[float, float]
+
+    def build(self, name: str) -> torch.nn.Module:
+        """Seeded before building: the initial weights are the first random draw of a run."""
+        torch.manual_seed(self.options.fit.seed)
+        config = default_config(name).to_dict() | self.options.configs.get(name, {})
+        model = build_model(name, self.schema, config)
+        if hasattr(model, "init_base_rates"):
+            model.init_base_rates(*self.base_rates)
+        return model
+
+    def fit_one(self, name: str, teacher: RankerTeacher | None = None
+                ) -> tuple[torch.nn.Module, dict[str, Any]]:
+        log, opts = self.log, self.options
+        model = self.build(name)
+        source: Any = log
+        tr, va = self.train_idx, self.valid_idx
+        if name in CLICKED_ONLY:  # BASE of ESMM; the two-tower's positives
+            tr, va = tr[log.click[tr] > 0], va[log.click[va] > 0]
+        if name == "two_tower":  # other rows of the batch are the negatives
+            owner = self.schema["ad_id"]
+            counts = estimate_log_q(torch.from_numpy(log.features["ad_id"][tr]), owner.rows)
+            source = _WithLogQ(log, counts.numpy())
+            if teacher is not None and getattr(model.config, "distill_weight", 0) > 0:
+                source = teacher.source(source, model.config.distill_candidates,
+                                        opts.fit.seed)
+        return model, self.fit(name, model, source, tr, va)
+
+    def fit(self, name: str, model: torch.nn.Module, source: Any, tr: np.ndarray,
+            va: np.ndarray, score_as: str | None = None) -> dict[str, Any]:
+        """Fit (rare ids folded when asked for) and describe the result for the manifest."""
+        opts, log = self.options, self.log
+        rare = None
+        if name in RARE_ID_MODELS and opts.min_id_count > 1:
+            rare = RareIds.fit(self.schema, log, tr, opts.min_id_count)
+            source = RareIdSource(source, rare)
+        score = (_valid_score(score_as or name, source, log, self.device)
+                 if opts.stop_on_auc else None)
+        result = fit(model, _step_loss(name, opts.mba_lambda), source, tr, va,
+                     _fit_config(name, opts.fit), self.device, self.progress, name, score)
+        if rare is not None:
+            for part in getattr(model, "parts", lambda: (model,))():
+                rare.export(part)
+        return {
+            "best_epoch": result.best_epoch,
+            "best_step": result.best_step,
+            "steps": result.steps,
+            "history": result.history,
+            "train_rows": int(len(tr)),
+            "rare_ids": None if rare is None else {"min_count": rare.min_count,
+                                                   "rows": rare.summary()},
+        }
+
+    def metrics(self, name: str, model: torch.nn.Module) -> dict[str, float]:
+        return _validation_metrics(name, model, self.log, self.valid_idx, self.device,
+                                   self.options.fit.batch_size)
+
+    def ranker_score(self, model: torch.nn.Module) -> float:
+        """DIN+ESMM's validation score (CTR AUC + CTCVR AUC) on the whole validation split."""
+        score = _valid_score("din_esmm", self.log, self.log, self.device)
+        return round(float(score(model, self.valid_idx)), 6) if score else float("nan")
+
+
+def _publish(writer: BundleWriter, name: str, model: torch.nn.Module, entry: dict[str, Any],
+             catalog: dict[str, np.ndarray], ad_ids: np.ndarray, info: dict[str, Any],
+             run: _Run | None = None) -> None:
+    """Save weights (+ ad vectors for the served two-tower and DQM) and the manifest entry."""
+    writer.save_tensors(weights_file(name), model.state_dict())
+    entry = {"file": weights_file(name), "config": model.config.to_dict(), **entry}
+    if "metrics" not in entry and run is not None:
+        entry["metrics"] = run.metrics(name, model)
+    if name in ("two_tower", "dqm", ROCKET):
+        vectors = _ad_vectors(model, catalog, next(model.parameters()).device)
+        writer.save_arrays(ad_vectors_file(name), {"vectors": vectors, "ad_ids": ad_ids})
+        entry["ad_vectors"] = ad_vectors_file(name)
+        info["vectors"][name] = vectors
+    writer.add_model(name, entry)
+
+
+def _train_rocket(run: _Run, writer: BundleWriter, ranker: torch.nn.Module | None,
+                  catalog: dict[str, np.ndarray], ad_ids: np.ndarray,
+                  info: dict[str, Any]) -> torch.nn.Module:
+    """Train DQM jointly with a fresh DIN+ESMM; publish the DQM as `dqm_rocket`, the
+    bundle's pre-ranker (manifest["prerank_model"]).
+
+    The pair's booster shares its tables with the DQM, which may change its AUC: when a
+    separately trained DIN+ESMM (`ranker`) exists, the better of the two by validation score
+    is published as `din_esmm` (the DQM follows its own booster either way). Returns the
+    DIN+ESMM that was published (the two-tower's teacher).
+    """
+    booster, light = run.build("din_esmm"), run.build("dqm")
+    pair = RocketPair(booster, light, run.options.rocket)
+    entry = run.fit(ROCKET, pair, run.log, run.train_idx, run.valid_idx, score_as=ROCKET)
+    shared_score = run.ranker_score(booster)
+    separate_score = run.ranker_score(ranker) if ranker is not None else None
+    use_shared = separate_score is None or shared_score > separate_score
+    rocket = {"hint_weight": run.options.rocket.hint_weight,
+              "share_embeddings": run.options.rocket.share_embeddings,
+              "din_esmm_valid_score": {"separate": separate_score, "rocket_shared": shared_score},
+              "din_esmm_published": "rocket_shared" if use_shared else "separate"}
+    _publish(writer, ROCKET, light, {**entry, "training": "rocket", "rocket": rocket,
+                                     "metrics": run.metrics("dqm", light)},
+             catalog, ad_ids, info)
+    writer.manifest["prerank_model"] = ROCKET
+    if use_shared and "din_esmm" in run.options.models:
+        _publish(writer, "din_esmm", booster, {**entry, "training": "rocket", "rocket": rocket,
+                                               "metrics": run.metrics("din_esmm", booster)},
+                 catalog, ad_ids, info)
+    writer.manifest["rocket"] = rocket
+    return booster if use_shared or ranker is None else ranker
 
 
 def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
@@ -189,61 +323,29 @@ def train(data_dir: str | Path, out_root: str | Path, options: TrainOptions,
     clicked = log.click[train_idx] > 0
     base_cvr = float(log.conversion[train_idx][clicked].mean()) if clicked.any() else PRIOR_CVR
     try:
-        for name in options.models:
+        run = _Run(schema, options, log, train_idx, valid_idx, device, progress,
+                   (base_ctr, base_cvr))
+        ranker: torch.nn.Module | None = None
+        for name in [n for n in TRAIN_ORDER if n in options.models]:
             if name == "qscore":
                 entry, priors, info["cold_ecpm"] = _train_qscore(writer, log, train_idx,
                                                                   market.ads)
                 writer.add_model("qscore", entry)
                 writer.manifest["priors"] = priors
                 continue
-            # Seed before building: the initial weights are the first random draw of a run.
-            torch.manual_seed(options.fit.seed)
-            config = default_config(name).to_dict() | options.configs.get(name, {})
-            model = build_model(name, schema, config)
-            if hasattr(model, "init_base_rates"):
-                model.init_base_rates(base_ctr, base_cvr)
-            source: Any = log
-            tr, va = train_idx, valid_idx
-            if name == "cvr_base":  # ESMM's BASE: clicked impressions only
-                tr, va = tr[log.click[tr] > 0], va[log.click[va] > 0]
-            if name == "two_tower":  # positives only; other rows of the batch are negatives
-                tr, va = tr[log.click[tr] > 0], va[log.click[va] > 0]
-                owner = schema["ad_id"]
-                counts = estimate_log_q(torch.from_numpy(log.features["ad_id"][tr]), owner.rows)
-                source = _WithLogQ(log, counts.numpy())
-            rare = None
-            if name in RARE_ID_MODELS and options.min_id_count > 1:
-                rare = RareIds.fit(schema, log, tr, options.min_id_count)
-                source = RareIdSource(source, rare)
-            result = fit(model, _step_loss(name, options.mba_lambda), source, tr, va,
-                         _fit_config(name, options.fit), device, progress, name,
-                         _valid_score(name, source, log, device) if options.stop_on_auc
-                         else None)
-            if rare is not None:
-                rare.export(model)
-            writer.save_tensors(weights_file(name), model.state_dict())
-            entry: dict[str, Any] = {
-                "file": weights_file(name),
-                "config": model.config.to_dict(),
-                "best_epoch": result.best_epoch,
-                "best_step": result.best_step,
-                "steps": result.steps,
-                "history": result.history,
-                "train_rows": int(len(tr)),
-                "rare_ids": None if rare is None else {"min_count": rare.min_count,
-                                                       "rows": rare.summary()},
-                "metrics": _validation_metrics(name, model, log, valid_idx, device,
-                                               options.fit.batch_size),
-            }
-            if name in ("two_tower", "dqm"):
-                vectors = _ad_vectors(model, catalog, device)
-                writer.save_arrays(ad_vectors_file(name),
-                                   {"vectors": vectors, "ad_ids": market.ads["ad_id"]})
-                entry["ad_vectors"] = ad_vectors_file(name)
-                info["vectors"][name] = vectors
+            if name == ROCKET:
+                ranker = _train_rocket(run, writer, ranker, catalog, market.ads["ad_id"], info)
+                continue
+            teacher = None
+            if name == "two_tower" and ranker is not None:
+                teacher = RankerTeacher(ranker, catalog, device)
+            model, entry = run.fit_one(name, teacher)
+            if name == "din_esmm":
+                ranker = model
+            _publish(writer, name, model, entry, catalog, market.ads["ad_id"], info, run)
             if name == "two_tower":
-                info["user_queries"] = _user_queries(model, log, va, device)
-            writer.add_model(name, entry)
+                clicked_valid = valid_idx[log.click[valid_idx] > 0]
+                info["user_queries"] = _user_queries(model, log, clicked_valid, device)
         shutil.copyfile(data_dir / layout.ADS_FILE, writer.path(CATALOG_FILE))
         if (data_dir / layout.CAMPAIGNS_FILE).is_file():
             shutil.copyfile(data_dir / layout.CAMPAIGNS_FILE, writer.path(CAMPAIGNS_FILE))

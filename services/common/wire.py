@@ -191,6 +191,9 @@ class RecallRequest(_UserPart):
     user_vector: FloatArray | None = None
     eligibility: Eligibility = Field(default_factory=Eligibility)
     debug: bool = False
+    # Shares of K per recall channel ("category", "high_value", "new"; the two-tower gets the
+    # rest) and "recent_categories"; None: the retrieval stage's defaults.
+    quotas: dict[str, float] | None = None
 
 
 class RecallResponse(WireModel):
@@ -199,6 +202,16 @@ class RecallResponse(WireModel):
     channel: str = ""
     eligible: int = 0
     info: StageInfo = Field(default_factory=StageInfo)
+    # Per candidate: the recall channel that produced it, as a code into `channel_names`
+    # (empty: every candidate came from `channel`).
+    channels: IntArray = Field(default_factory=_empty_ints)
+    channel_names: list[str] = Field(default_factory=list)
+
+    def candidate_channels(self) -> list[str]:
+        """Each candidate's channel name, aligned with `ad_ids`."""
+        if self.channels.size != self.ad_ids.size or not self.channel_names:
+            return [self.channel] * int(self.ad_ids.size)
+        return [self.channel_names[int(c)] for c in self.channels]
 
 
 class PrerankRequest(_UserPart):
@@ -300,6 +313,7 @@ class StageReport(WireModel):
 class DebugCandidate(WireModel):
     ad_id: int
     score: float
+    channel: str | None = None  # the recall channel it came from (recall stage only)
 
 
 class DebugStage(WireModel):

@@ -26,12 +26,13 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
+from models.bundle import read_bundle
 from models.pricing import PRIOR_CVR, ecpm
 from services.common import wire
 from services.common.deadline import Deadline, DeadlineExceeded
@@ -112,10 +113,16 @@ class GatewayConfig:
     # max_queue_ms before its handler starts is answered 503 at once
     latency_target_ms: float = 20.0
     max_queue_ms: float = 15.0
+    # shares of K1 per recall channel (services.retrieval.recall.ChannelQuotas); None: the
+    # retrieval stage's defaults
+    recall_quotas: dict[str, float] | None = None
+    # the K's set explicitly (settings file); the others follow the bundle's recommendation
+    ks_explicit: frozenset[str] = frozenset()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GatewayConfig:
         data = dict(data)
+        data["ks_explicit"] = frozenset(k for k in KS if k in data)
         if "scenes" in data:
             data["scenes"] = {
                 name: SceneRules(int(rule.get("max_slots", 8)),
@@ -123,6 +130,35 @@ class GatewayConfig:
                                          int(rule.get("reserve_cpc_micros", 0))))
                 for name, rule in data["scenes"].items()}
         return cls(**data)
+
+
+    def for_bundle(self, manifest: dict[str, Any] | None) -> GatewayConfig:
+        """The K's this gateway runs with a bundle: an explicit setting (or a K changed from
+        its default in code) wins; otherwise the bundle's recommendation
+        (manifest["recommended_ks"], measured by scripts/choose_ks.py); otherwise the default.
+        """
+        recommended = (manifest or {}).get("recommended_ks") or {}
+        changes: dict[str, int] = {}
+        for name in KS:
+            explicit = name in self.ks_explicit or getattr(self, name) != DEFAULT_KS[name]
+            value = recommended.get(name)
+            if not explicit and isinstance(value, int) and value > 0:
+                changes[name] = value
+        return replace(self, **changes) if changes else self
+
+    @classmethod
+    def for_bundle_path(cls, settings_gateway: dict[str, Any], bundle: str | None
+                        ) -> GatewayConfig:
+        """`from_dict` of the settings' gateway section, then the bundle's K's (if any)."""
+        config = cls.from_dict(settings_gateway)
+        if not bundle:
+            return config
+        return config.for_bundle(read_bundle(bundle, verify=False).manifest)
+
+
+KS = ("k1", "k2", "k3")
+DEFAULT_KS = {"k1": STEP["recall"].k or 0, "k2": STEP["screen"].k or 0,
+              "k3": STEP["prerank"].k or 0}
 
 
 @dataclass
@@ -137,6 +173,7 @@ class StageRecord:
     reason: str = ""
     dropped: dict[str, int] = field(default_factory=dict)
     top: tuple[np.ndarray, np.ndarray] | None = None  # (ad ids, scores), best first
+    channels: list[str] | None = None  # recall: each candidate's channel, aligned with top
 
     def report(self) -> wire.StageReport:
         return wire.StageReport.model_construct(
@@ -146,9 +183,21 @@ class StageRecord:
 
     def debug(self) -> wire.DebugStage:
         ids, scores = self.top if self.top is not None else ((), ())
+        if self.channels is not None and len(self.channels) == len(ids):
+            return self._debug_channels(np.asarray(ids), np.asarray(scores))
         return wire.DebugStage(name=self.name, candidates=[
             wire.DebugCandidate(ad_id=int(a), score=float(v))
             for a, v in zip(list(ids)[:DEBUG_TOP], list(scores)[:DEBUG_TOP], strict=True)])
+
+    def _debug_channels(self, ids: np.ndarray, scores: np.ndarray) -> wire.DebugStage:
+        """Recall: the first DEBUG_TOP candidates of every channel, each labelled."""
+        names = np.asarray(self.channels, dtype=object)
+        picked = np.concatenate([np.flatnonzero(names == c)[:DEBUG_TOP]
+                                 for c in dict.fromkeys(self.channels)] or [np.empty(0, int)])
+        picked.sort()
+        return wire.DebugStage(name=self.name, candidates=[
+            wire.DebugCandidate(ad_id=int(ids[i]), score=float(scores[i]), channel=names[i])
+            for i in picked.tolist()])
 
 
 @dataclass
@@ -310,9 +359,13 @@ class Cascade:
     # -- 2 recall ------------------------------------------------------------------------------
     async def _recall(self, st: RequestState, deadline: Deadline) -> None:
         recalled = await self.retrieval.call(
-            wire.RecallRequest.model_construct(**st.part, k=self.config.k1), deadline)
+            wire.RecallRequest.model_construct(**st.part, k=self.config.k1,
+                                               quotas=self.config.recall_quotas), deadline)
         st.ids, st.scores = recalled.ad_ids, recalled.scores
-        st.records["recall"].top = (st.ids, st.scores)
+        record = st.records["recall"]
+        record.top = (st.ids, st.scores)
+        if st.request.debug:
+            record.channels = recalled.candidate_channels()
 
     async def _recall_fallback(self, st: RequestState) -> None:
         """The scene's best ads by Qscore eCPM (cached, bounded: see `_fallback_pool`)."""

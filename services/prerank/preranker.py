@@ -96,10 +96,11 @@ class PreRanker:
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int = 1) -> PreRanker:
         torch.set_num_threads(max(1, int(threads)))
+        name = bundle.manifest.get("prerank_model", MODEL)  # e.g. "dqm_rocket" (Rocket-trained)
         with torch.inference_mode():
-            model = load_model(bundle, MODEL)
-        entry = bundle.model_entry(MODEL)
-        arrays = bundle.arrays(entry.get("ad_vectors", ad_vectors_file(MODEL)))
+            model = load_model(bundle, name)
+        entry = bundle.model_entry(name)
+        arrays = bundle.arrays(entry.get("ad_vectors", ad_vectors_file(name)))
         return cls(model, FeatureEncoder(bundle.schema), arrays["ad_ids"], arrays["vectors"],
                    bundle.version)
 

@@ -14,6 +14,14 @@ resized, when an ad is added; a search works on the snapshot it started with. A 
 element of a boolean array in place: it takes effect for the next search. Writers serialise on
 one lock. The main index is never mutated after load.
 
+Channels: with a user vector, recall merges several candidate sources, each with a quota (a
+share of K, `ChannelQuotas`): the two-tower ANN (`two_tower`); the best ads by Qscore eCPM in the
+categories of the user's recent behaviours (`category`, from per-category top lists built once
+per scene, columnar); the catalog's best ads by Qscore eCPM (`high_value`); and ads added since
+the bundle (`new`). Duplicates keep the first channel in that order; a channel short of its
+quota leaves its room to the two-tower. Every candidate carries its channel (`channels`, codes
+into `CHANNELS`), so the gateway's debug output and the funnel can say where it came from.
+
 Value-aware indexes (`value`: the index's `ValueTerm`) hold [a/|a|, w·(log v − mu)] per ad: user
 vectors are searched as [u/|u|, 1] and a newly added ad is indexed with its cold-start score as
 v, so callers keep passing plain ad-tower vectors of the tower's dimension. Re-adding a known ad
@@ -39,6 +47,74 @@ STATUSES = (ACTIVE, PAUSED)
 DEFAULT_K = 2000
 CHANNEL_VECTOR = "two_tower"
 CHANNEL_COLD = "cold_start"
+CHANNEL_CATEGORY = "category"
+CHANNEL_VALUE = "high_value"
+CHANNEL_NEW = "new"
+# Codes of RecallResult.channels (and of the wire's `channels`): index into this tuple.
+CHANNELS = (CHANNEL_VECTOR, CHANNEL_CATEGORY, CHANNEL_VALUE, CHANNEL_NEW, CHANNEL_COLD)
+CODE = {name: np.int8(i) for i, name in enumerate(CHANNELS)}
+HIST_CATEGORY = "hist_category_id"  # the behaviour column holding each behaviour's category
+
+
+@dataclass(frozen=True)
+class ChannelQuotas:
+    """Shares of K for the channels beside the two-tower (which gets the rest), and how many
+    of the user's most recent distinct categories the category channel reads.
+
+    Defaults: most of K stays with the personalised ANN; a fifth goes to the user's own recent
+    categories (the ranker's attention looks exactly there), a tenth to the catalog's top
+    eCPM ads (expensive ads the cosine under-rates), and a little to ads newer than the bundle,
+    which the index knows only through their ad-tower vector.
+    """
+
+    category: float = 0.2
+    high_value: float = 0.1
+    new: float = 0.02
+    recent_categories: int = 5
+
+    def __post_init__(self) -> None:
+        shares = (self.category, self.high_value, self.new)
+        if any(not 0.0 <= float(x) <= 1.0 for x in shares) or sum(shares) > 1.0:
+            raise ValueError("recall quotas: each share in [0, 1], together at most 1")
+        if int(self.recent_categories) < 0:
+            raise ValueError("recall quotas: recent_categories must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, float] | None) -> ChannelQuotas:
+        if not data:
+            return cls()
+        unknown = set(data) - {"category", "high_value", "new", "recent_categories"}
+        if unknown:
+            raise ValueError(f"recall quotas: unknown channels {sorted(unknown)}")
+        return cls(**{k: (int(v) if k == "recent_categories" else float(v))
+                      for k, v in data.items()})
+
+    def counts(self, k: int) -> tuple[int, int, int]:
+        """(category, high_value, new) candidate counts for a request of K."""
+        return (int(k * self.category), int(k * self.high_value), int(k * self.new))
+
+
+def channel_query(hist: Mapping[str, object], quotas: Mapping[str, float] | None
+                  ) -> dict[str, object]:
+    """RecallQuery fields for the channels, from a stage request's history and quotas."""
+    parsed = ChannelQuotas.from_dict(quotas)
+    return {"quotas": parsed if quotas else None,
+            "categories": recent_categories(hist, parsed.recent_categories)}
+
+
+def recent_categories(hist: Mapping[str, object], limit: int) -> np.ndarray:
+    """The user's most recent distinct categories (newest first, padding dropped), from the
+    behaviour columns of a stage request."""
+    column = hist.get(HIST_CATEGORY)
+    if column is None or limit <= 0:
+        return np.empty(0, np.int64)
+    values = column.values() if hasattr(column, "values") else column
+    cats = np.asarray(values, dtype=np.int64).reshape(-1)
+    cats = cats[cats > 0]
+    if cats.size == 0:
+        return cats
+    _, first = np.unique(cats, return_index=True)
+    return cats[np.sort(first)][:limit]
 
 
 class UnknownAdError(KeyError):
@@ -55,6 +131,8 @@ class RecallQuery:
     exclude_ad_ids: np.ndarray | None = None  # e.g. frequency-capped or budget-spent ads
     include_paused: bool = False
     ignore_scene_targeting: bool = False
+    categories: np.ndarray | None = None  # the user's recent categories, newest first
+    quotas: ChannelQuotas | None = None  # None: the Recall's defaults
 
 
 @dataclass(frozen=True)
@@ -66,6 +144,22 @@ class RecallResult:
     channel: str
     eligible: int  # eligible ads for this request: the most that could come back
     searches: int = 1  # faiss calls made (over-fetch rounds), for telemetry
+    channels: np.ndarray | None = None  # int8 codes into CHANNELS; None: all `channel`
+
+    def channel_codes(self) -> np.ndarray:
+        """Per-candidate channel codes (filled from `channel` for a one-channel result)."""
+        if self.channels is not None:
+            return self.channels
+        return np.full(self.ad_ids.size, CODE[self.channel], dtype=np.int8)
+
+    def wire_channels(self) -> dict[str, object]:
+        """The wire's per-candidate channel fields (RecallResponse.channels/channel_names)."""
+        return {"channels": self.channel_codes().astype(np.int64),
+                "channel_names": list(CHANNELS)}
+
+    def channel_names(self) -> np.ndarray:
+        """Per-candidate channel names (for debug output and funnel figures)."""
+        return np.asarray(CHANNELS, dtype=object)[self.channel_codes()]
 
 
 @dataclass
@@ -80,10 +174,15 @@ class AdCatalog:
     active: np.ndarray  # bool [N]
     scene_mask: dict[str, np.ndarray]  # scene -> bool [N]: the ad targets the scene
     cold_score: np.ndarray  # float32 [N]: Qscore-based eCPM estimate (cold-start ranking)
+    category: np.ndarray | None = None  # int64 [N] category id (0: unknown), category channel
     ids: IdIndex = field(init=False)
 
     def __post_init__(self) -> None:
         self.ids = IdIndex(self.ad_ids)
+        if self.category is None:
+            self.category = np.zeros(self.ad_ids.size, dtype=np.int64)
+        if self.category.shape != self.ad_ids.shape:
+            raise ValueError("categories are not aligned with the ad ids")
 
     @classmethod
     def build(cls, ad_ids: np.ndarray, scenes: Iterable[Iterable[str]],
@@ -133,7 +232,7 @@ class AdCatalog:
         return mask
 
     def appended(self, ad_id: int, scenes: Iterable[str], status: str,
-                 cold_score: float) -> AdCatalog:
+                 cold_score: float, category: int = 0) -> AdCatalog:
         """A new catalog with one more ad (copy-on-write: readers keep the old arrays)."""
         n = self.ad_ids.size
         masks = {s: np.append(m, False) for s, m in self.scene_mask.items()}
@@ -141,20 +240,31 @@ class AdCatalog:
             masks.setdefault(s, np.zeros(n + 1, dtype=bool))[n] = True
         return AdCatalog(np.append(self.ad_ids, np.int64(ad_id)),
                          np.append(self.active, status == ACTIVE), masks,
-                         np.append(self.cold_score, np.float32(cold_score)))
+                         np.append(self.cold_score, np.float32(cold_score)),
+                         np.append(self.category, np.int64(category)))
+
+    def with_categories(self, ad_ids: np.ndarray, categories: np.ndarray) -> AdCatalog:
+        """A copy whose category column is filled from (ad id, category) pairs."""
+        category = np.zeros(self.ad_ids.size, dtype=np.int64)
+        rows = self.ids.rows(np.asarray(ad_ids, dtype=np.int64))
+        known = rows >= 0
+        category[rows[known]] = np.asarray(categories, dtype=np.int64)[known]
+        return AdCatalog(self.ad_ids, self.active, self.scene_mask, self.cold_score, category)
 
 
 class Recall:
     """Top-K eligible ads for a user vector (or the cold-start channel without one)."""
 
     def __init__(self, index: faiss.Index, catalog: AdCatalog, *, tuned_k: int | None = None,
-                 overfetch: float = 1.25, value: ValueTerm | None = None):
+                 overfetch: float = 1.25, value: ValueTerm | None = None,
+                 quotas: ChannelQuotas | None = None):
         """`index` holds ad ids, each of which must be in `catalog`.
 
         `tuned_k`: the K the index's nprobe was tuned for (IndexSpec.k). A filtered search for
         K eligible ads must find the top K/share of ALL ads, which needs proportionally more
         lists; nprobe is scaled by fetch / tuned_k so filtered recall matches the tuned recall.
         `value`: the term a value-aware index was built with (IndexSpec.value); None: cosine.
+        `quotas`: the channels' default shares of K (a query may bring its own).
         """
         if index.ntotal != catalog.ad_ids.size:
             raise ValueError(f"index holds {index.ntotal} ads, the catalog {catalog.ad_ids.size}")
@@ -167,6 +277,8 @@ class Recall:
         self._catalog = catalog
         self._overfetch = overfetch
         self._tuned_k = tuned_k
+        self._quotas = quotas or ChannelQuotas()
+        self._n_bundle = int(catalog.ad_ids.size)  # rows from here on are ads added since
         self._write_lock = threading.Lock()
         # Derived per-scene data (eligible counts, cold-start order), dropped on every write.
         self._cache: dict[tuple[str, str, bool, bool], object] = {}
@@ -202,7 +314,108 @@ class Recall:
         if vector.shape[1] != self._dim:
             raise ValueError(f"user_vector has {vector.shape[1]} dims, the index {self._dim}")
         vector = augment_queries(vector) if self._value is not None else normalize(vector)
-        return self._search(vector, catalog, fresh, query, k, n_eligible)
+        ann = self._search(vector, catalog, fresh, query, k, n_eligible)
+        return self._merge(ann, catalog, cache, query, k)
+
+    def set_categories(self, ad_ids: np.ndarray, categories: np.ndarray) -> None:
+        """Fill the category column (the catalog table's `category_id`) for the category
+        channel; ads not listed keep category 0 (never recalled by it)."""
+        with self._write_lock:
+            self._catalog = self._catalog.with_categories(ad_ids, categories)
+            self._cache = {}
+
+    # ---- channels -------------------------------------------------------------------------
+
+    def _merge(self, ann: RecallResult, catalog: AdCatalog, cache: dict, query: RecallQuery,
+               k: int) -> RecallResult:
+        """The ANN's head, then each channel's quota, then the ANN's tail; first channel wins
+        a duplicate; K at most. Columnar: a handful of concatenations per request."""
+        quotas = query.quotas or self._quotas
+        n_cat, n_val, n_new = quotas.counts(k)
+        cats = query.categories
+        if cats is None or not cats.size or not quotas.recent_categories:
+            n_cat = 0
+        if n_new and catalog.ad_ids.size <= self._n_bundle:
+            n_new = 0
+        if not (n_cat or n_val or n_new):
+            return ann
+        head = max(0, k - n_cat - n_val - n_new)
+        parts = [(ann.ad_ids[:head], ann.scores[:head], CHANNEL_VECTOR)]
+        if n_cat:
+            rows = self._category_rows(catalog, cache, query,
+                                       cats[:quotas.recent_categories], n_cat)
+            parts.append((catalog.ad_ids[rows], catalog.cold_score[rows], CHANNEL_CATEGORY))
+        if n_val:
+            rows = self._walk(self._value_order(catalog, cache, query), catalog, query, n_val)
+            parts.append((catalog.ad_ids[rows], catalog.cold_score[rows], CHANNEL_VALUE))
+        if n_new:
+            rows = self._new_rows(catalog, query, n_new)
+            parts.append((catalog.ad_ids[rows], catalog.cold_score[rows], CHANNEL_NEW))
+        parts.append((ann.ad_ids[head:], ann.scores[head:], CHANNEL_VECTOR))
+        ids = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        scores = np.concatenate([p[1] for p in parts]).astype(np.float32)
+        codes = np.concatenate([np.full(p[0].size, CODE[p[2]], np.int8) for p in parts])
+        _, first = np.unique(ids, return_index=True)
+        keep = np.sort(first)[:k]
+        return RecallResult(ids[keep], scores[keep], CHANNEL_VECTOR, ann.eligible,
+                            ann.searches, codes[keep])
+
+    def _value_order(self, catalog: AdCatalog, cache: dict, query: RecallQuery) -> np.ndarray:
+        """Rows passing status + scene, best Qscore eCPM first (cached per scene)."""
+        key = ("cold", query.scene, query.include_paused, query.ignore_scene_targeting)
+        order = cache.get(key)
+        if order is None:
+            mask = catalog.base_mask(query)
+            rows = np.arange(catalog.ad_ids.size) if mask is None else np.flatnonzero(mask)
+            order = rows[np.lexsort((catalog.ad_ids[rows], -catalog.cold_score[rows]))]
+            cache[key] = order
+        return order
+
+    def _category_lists(self, catalog: AdCatalog, cache: dict, query: RecallQuery
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-category top lists as one CSR pair: rows grouped by category, best eCPM first
+        within each, and the sorted category of each row (cached per scene)."""
+        key = ("category", query.scene, query.include_paused, query.ignore_scene_targeting)
+        lists = cache.get(key)
+        if lists is None:
+            order = self._value_order(catalog, cache, query)
+            grouped = order[np.argsort(catalog.category[order], kind="stable")]
+            lists = (grouped, catalog.category[grouped])
+            cache[key] = lists
+        return lists
+
+    def _category_rows(self, catalog: AdCatalog, cache: dict, query: RecallQuery,
+                       categories: np.ndarray, n: int) -> np.ndarray:
+        """The best `n` eligible ads by Qscore eCPM over the user's recent categories."""
+        grouped, cats = self._category_lists(catalog, cache, query)
+        lo = np.searchsorted(cats, categories, side="left")
+        hi = np.minimum(np.searchsorted(cats, categories, side="right"), lo + 2 * n)
+        rows = np.concatenate([grouped[a:b] for a, b in zip(lo.tolist(), hi.tolist(),
+                                                             strict=True)])
+        rows = rows[catalog.eligible_at(rows, query)]
+        best = np.lexsort((catalog.ad_ids[rows], -catalog.cold_score[rows]))[:n]
+        return rows[best]
+
+    def _new_rows(self, catalog: AdCatalog, query: RecallQuery, n: int) -> np.ndarray:
+        """Eligible ads added since the bundle, best Qscore eCPM first."""
+        rows = np.arange(self._n_bundle, catalog.ad_ids.size)
+        rows = rows[catalog.eligible_at(rows, query)]
+        return rows[np.lexsort((catalog.ad_ids[rows], -catalog.cold_score[rows]))[:n]]
+
+    @staticmethod
+    def _walk(order: np.ndarray, catalog: AdCatalog, query: RecallQuery, k: int) -> np.ndarray:
+        """The first k rows of `order` still eligible (statuses may have changed since the
+        order was cached), checked in growing chunks."""
+        picked: list[np.ndarray] = []
+        have, start, chunk = 0, 0, 2 * k + 64
+        while have < k and start < order.size:
+            rows = order[start:start + chunk]
+            rows = rows[catalog.eligible_at(rows, query)]
+            picked.append(rows)
+            have += rows.size
+            start += chunk
+            chunk *= 2
+        return np.concatenate(picked)[:k] if picked else np.empty(0, np.int64)
 
     def _eligible_count(self, catalog: AdCatalog, cache: dict, query: RecallQuery) -> int:
         key = ("count", query.scene, query.include_paused, query.ignore_scene_targeting)
@@ -265,23 +478,7 @@ class Recall:
     def _cold_start(self, catalog: AdCatalog, cache: dict, query: RecallQuery, k: int,
                     n_eligible: int) -> RecallResult:
         """Top cold-start scores among eligible ads: a cached per-scene order, walked in chunks."""
-        key = ("cold", query.scene, query.include_paused, query.ignore_scene_targeting)
-        order = cache.get(key)
-        if order is None:
-            mask = catalog.base_mask(query)
-            rows = np.arange(catalog.ad_ids.size) if mask is None else np.flatnonzero(mask)
-            order = rows[np.lexsort((catalog.ad_ids[rows], -catalog.cold_score[rows]))]
-            cache[key] = order
-        picked: list[np.ndarray] = []
-        have, start, chunk = 0, 0, 2 * k + 64
-        while have < k and start < order.size:
-            rows = order[start:start + chunk]
-            rows = rows[catalog.eligible_at(rows, query)]  # statuses may have changed since
-            picked.append(rows)
-            have += rows.size
-            start += chunk
-            chunk *= 2
-        rows = np.concatenate(picked)[:k] if picked else np.empty(0, np.int64)
+        rows = self._walk(self._value_order(catalog, cache, query), catalog, query, k)
         return RecallResult(catalog.ad_ids[rows], catalog.cold_score[rows].astype(np.float32),
                             CHANNEL_COLD, n_eligible, 0)
 
@@ -338,7 +535,7 @@ class Recall:
         score[row] = cold_score
         active = catalog.active.copy()
         active[row] = status == ACTIVE
-        self._catalog = AdCatalog(catalog.ad_ids, active, masks, score)
+        self._catalog = AdCatalog(catalog.ad_ids, active, masks, score, catalog.category)
         self._cache = {}
 
     def set_status(self, ad_id: int, status: str) -> None:
@@ -363,7 +560,8 @@ class Recall:
                 if row is not None:
                     new[row] = score
                     updated += 1
-            self._catalog = AdCatalog(catalog.ad_ids, catalog.active, catalog.scene_mask, new)
+            self._catalog = AdCatalog(catalog.ad_ids, catalog.active, catalog.scene_mask, new,
+                                      catalog.category)
             self._cache = {}
             return updated
 

@@ -46,7 +46,14 @@ from services.retrieval.index import (
     load_index,
     set_threads,
 )
-from services.retrieval.recall import ACTIVE, PAUSED, AdCatalog, Recall, RecallQuery
+from services.retrieval.recall import (
+    ACTIVE,
+    PAUSED,
+    AdCatalog,
+    Recall,
+    RecallQuery,
+    channel_query,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +95,12 @@ class RetrievalState:
             scene=request.scene, user_vector=vector, k=request.k,
             exclude_ad_ids=request.eligibility.exclude_ad_ids,
             include_paused=request.eligibility.include_paused,
-            ignore_scene_targeting=request.eligibility.ignore_scene_targeting))
+            ignore_scene_targeting=request.eligibility.ignore_scene_targeting,
+            **channel_query(request.hist, request.quotas)))
         return wire.RecallResponse(ad_ids=result.ad_ids, scores=result.scores,
                                    channel=result.channel, eligible=result.eligible,
-                                   info=wire.StageInfo(model_version=self.version))
+                                   info=wire.StageInfo(model_version=self.version),
+                                   **result.wire_channels())
 
     def update(self, update: wire.CatalogUpdate) -> wire.CatalogUpdateResponse:
         """Apply a catalog change; a new ad needs its ad-tower vector (plain: a value-aware
@@ -203,7 +212,8 @@ def load_retrieval_state(path: str, *, faiss_threads: int = 1,
     spec_data = (bundle.manifest.get("retrieval", {}).get("index")
                  or bundle.manifest.get("index"))
     spec = IndexSpec.from_dict(spec_data) if spec_data else None
-    columns = ["ad_id", "scenes", "status", "bid_type", "bid_micros", "target_cpa_micros"]
+    columns = ["ad_id", "scenes", "status", "bid_type", "bid_micros", "target_cpa_micros",
+               "category_id"]
     schema_names = pq.read_schema(bundle.file(CATALOG_FILE)).names
     for required in ("ad_id", "scenes", "status"):
         if required not in schema_names:
@@ -233,6 +243,8 @@ def load_retrieval_state(path: str, *, faiss_threads: int = 1,
     catalog = _catalog_for(ad_ids, table, cold)
     encoder = user_encoder_factory(bundle) if user_encoder_factory is not None else None
     recall = Recall(index, catalog, tuned_k=spec.k if spec else None, value=value)
+    if "category_id" in table:  # the category channel's lists
+        recall.set_categories(np.asarray(table["ad_id"]), np.asarray(table["category_id"]))
     return RetrievalState(version=bundle.version, recall=recall, spec=spec, user_encoder=encoder,
                           ad_encoder=_ad_encoder(bundle, encoder), cold_prior=_cold_prior(bundle))
 

@@ -80,12 +80,14 @@ class StageReport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., count_in: _Optional[int] = ..., count_out: _Optional[int] = ..., ms: _Optional[float] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., dropped: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DebugCandidate(_message.Message):
-    __slots__ = ("ad_id", "score")
+    __slots__ = ("ad_id", "score", "channel")
     AD_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     ad_id: int
     score: float
-    def __init__(self, ad_id: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    channel: str
+    def __init__(self, ad_id: _Optional[int] = ..., score: _Optional[float] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class DebugStage(_message.Message):
     __slots__ = ("name", "candidates")

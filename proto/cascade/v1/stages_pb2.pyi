@@ -49,7 +49,7 @@ class StageInfo(_message.Message):
     def __init__(self, model_version: _Optional[str] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class RecallRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "scene", "k", "user_vector", "user", "hist", "context", "eligibility", "debug")
+    __slots__ = ("request_id", "user_id", "scene", "k", "user_vector", "user", "hist", "context", "eligibility", "debug", "quotas")
     class UserEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,13 @@ class RecallRequest(_message.Message):
         key: str
         value: Scalar
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Scalar, _Mapping]] = ...) -> None: ...
+    class QuotasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SCENE_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +88,7 @@ class RecallRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ELIGIBILITY_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     scene: str
@@ -91,21 +99,26 @@ class RecallRequest(_message.Message):
     context: _containers.MessageMap[str, Scalar]
     eligibility: Eligibility
     debug: bool
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., k: _Optional[int] = ..., user_vector: _Optional[bytes] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., debug: _Optional[bool] = ...) -> None: ...
+    quotas: _containers.ScalarMap[str, float]
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., k: _Optional[int] = ..., user_vector: _Optional[bytes] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., debug: _Optional[bool] = ..., quotas: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RecallResponse(_message.Message):
-    __slots__ = ("ad_ids", "scores", "channel", "eligible", "info")
+    __slots__ = ("ad_ids", "scores", "channel", "eligible", "info", "channels", "channel_names")
     AD_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     ad_ids: bytes
     scores: bytes
     channel: str
     eligible: int
     info: StageInfo
-    def __init__(self, ad_ids: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., channel: _Optional[str] = ..., eligible: _Optional[int] = ..., info: _Optional[_Union[StageInfo, _Mapping]] = ...) -> None: ...
+    channels: bytes
+    channel_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ad_ids: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., channel: _Optional[str] = ..., eligible: _Optional[int] = ..., info: _Optional[_Union[StageInfo, _Mapping]] = ..., channels: _Optional[bytes] = ..., channel_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrerankRequest(_message.Message):
     __slots__ = ("request_id", "user_id", "scene", "k", "user", "hist", "context", "ad_ids", "values")

@@ -1,0 +1,132 @@
+"""Multi-channel recall: each channel fills its quota, duplicates keep the first channel, every
+candidate is labelled, and the labels cross the wire (JSON and protobuf) to the gateway's debug
+output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common import wire
+from services.retrieval.index import build_index
+from services.retrieval.recall import (
+    CHANNEL_CATEGORY,
+    CHANNEL_NEW,
+    CHANNEL_VALUE,
+    CHANNEL_VECTOR,
+    AdCatalog,
+    ChannelQuotas,
+    Recall,
+    RecallQuery,
+    channel_query,
+    recent_categories,
+)
+
+N, DIM, CATEGORIES = 3000, 16, 30
+SCENE = "home_feed"
+
+
+@pytest.fixture()
+def world() -> tuple[Recall, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(N, DIM)).astype(np.float32)
+    ad_ids = np.arange(100, 100 + N, dtype=np.int64)
+    category = 1 + (np.arange(N) % CATEGORIES)
+    value = rng.lognormal(size=N).astype(np.float32)
+    index, _ = build_index(vectors, ad_ids)
+    catalog = AdCatalog.build(ad_ids, [[SCENE]] * N, ["active"] * N, value)
+    recall = Recall(index, catalog)
+    recall.set_categories(ad_ids, category)
+    return recall, vectors, ad_ids, category, value
+
+
+def _names(result) -> np.ndarray:
+    return result.channel_names()
+
+
+def test_each_channel_fills_its_quota_and_is_labelled(world) -> None:
+    recall, vectors, ad_ids, category, value = world
+    quotas = ChannelQuotas(category=0.25, high_value=0.15, new=0.0)
+    user_cats = np.array([7, 3])
+    result = recall.recall(RecallQuery(scene=SCENE, user_vector=vectors[0], k=400,
+                                       categories=user_cats, quotas=quotas))
+    names = _names(result)
+    assert result.ad_ids.size == 400 and np.unique(result.ad_ids).size == 400
+    counts = {c: int((names == c).sum()) for c in set(names.tolist())}
+    ann_head = 400 - 100 - 60
+    # the two-tower gets its head plus whatever later channels duplicated (refilled from its
+    # tail); each other channel gets its quota minus what an earlier channel already brought
+    assert counts[CHANNEL_VECTOR] >= ann_head
+    assert counts[CHANNEL_VECTOR] + counts[CHANNEL_CATEGORY] + counts[CHANNEL_VALUE] == 400
+    rows = result.ad_ids - 100
+    cat_rows = rows[names == CHANNEL_CATEGORY]
+    assert np.isin(category[cat_rows], user_cats).all()
+    # the category channel's ads are the best by value within the user's categories, minus
+    # those the ANN head already holds
+    in_cats = np.flatnonzero(np.isin(category, user_cats))
+    best = set(in_cats[np.argsort(-value[in_cats])][:100].tolist())
+    head = set(rows[:ann_head].tolist())
+    assert set(cat_rows.tolist()) == best - head
+    val_rows = rows[names == CHANNEL_VALUE]
+    top_value = set(np.argsort(-value)[:60].tolist())
+    assert set(val_rows.tolist()) == top_value - head - best
+    # first channel wins: an ANN-head ad is never relabelled by a later channel
+    assert (names[:ann_head] == CHANNEL_VECTOR).all()
+
+
+def test_disjoint_channels_get_exact_quotas_and_new_ads_get_theirs(world) -> None:
+    recall, vectors, ad_ids, category, value = world
+    # a user vector pointing away from the value leaders, categories the ANN rarely returns
+    for i in range(5):
+        recall.add_ad(10_000 + i, vectors[i] * 0.0 + 1e-3, [SCENE], "active",
+                      cold_score=float(i + 1))
+    quotas = ChannelQuotas(category=0.1, high_value=0.1, new=0.01)
+    result = recall.recall(RecallQuery(scene=SCENE, user_vector=-vectors[1], k=500,
+                                       categories=np.array([11]), quotas=quotas))
+    names = _names(result)
+    assert int((names == CHANNEL_NEW).sum()) == 5  # quota 5, exactly the five new ads
+    assert set(result.ad_ids[names == CHANNEL_NEW].tolist()) == {10_000 + i for i in range(5)}
+    assert result.ad_ids.size == 500 and np.unique(result.ad_ids).size == 500
+
+
+def test_channels_respect_eligibility_and_fall_back_to_the_ann(world) -> None:
+    recall, vectors, ad_ids, category, value = world
+    best_value = ad_ids[np.argsort(-value)[:10]]
+    result = recall.recall(RecallQuery(scene=SCENE, user_vector=vectors[2], k=200,
+                                       exclude_ad_ids=best_value, categories=np.array([5]),
+                                       quotas=ChannelQuotas(category=0.5, high_value=0.4)))
+    assert not np.isin(best_value, result.ad_ids).any()
+    # no categories: the category share goes back to the two-tower
+    plain = recall.recall(RecallQuery(scene=SCENE, user_vector=vectors[2], k=200,
+                                      quotas=ChannelQuotas(category=0.5, high_value=0.0, new=0.0)))
+    assert (_names(plain) == CHANNEL_VECTOR).all() and plain.ad_ids.size == 200
+
+
+def test_recent_categories_and_quota_parsing() -> None:
+    hist = {"hist_category_id": wire.Column(ints=np.array([4, 4, 9, 0, 2, 9, 5], np.int64))}
+    assert recent_categories(hist, 3).tolist() == [4, 9, 2]
+    assert recent_categories({}, 3).size == 0
+    fields = channel_query(hist, {"category": 0.3, "recent_categories": 2})
+    assert fields["quotas"] == ChannelQuotas(category=0.3, recent_categories=2)
+    assert fields["categories"].tolist() == [4, 9]
+    with pytest.raises(ValueError, match="unknown channels"):
+        ChannelQuotas.from_dict({"bogus": 0.1})
+    with pytest.raises(ValueError, match="at most 1"):
+        ChannelQuotas(category=0.7, high_value=0.5)
+
+
+def test_channel_labels_cross_the_wire_in_json_and_protobuf(world) -> None:
+    recall, vectors, *_ = world
+    result = recall.recall(RecallQuery(scene=SCENE, user_vector=vectors[0], k=100,
+                                       categories=np.array([1]),
+                                       quotas=ChannelQuotas(category=0.2, high_value=0.1)))
+    response = wire.RecallResponse(ad_ids=result.ad_ids, scores=result.scores,
+                                   channel=result.channel, eligible=result.eligible,
+                                   **result.wire_channels())
+    expected = result.channel_names().tolist()
+    for media in (wire.JSON, wire.PROTOBUF):
+        back = wire.decode(wire.RecallResponse, wire.encode(response, media), media)
+        assert back.candidate_channels() == expected
+    old_style = wire.RecallResponse(ad_ids=result.ad_ids, scores=result.scores,
+                                    channel="cold_start")
+    assert old_style.candidate_channels() == ["cold_start"] * 100
