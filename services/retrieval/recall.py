@@ -61,13 +61,15 @@ class ChannelQuotas:
     """Shares of K for the channels beside the two-tower (which gets the rest), and how many
     of the user's most recent distinct categories the category channel reads.
 
-    Defaults: most of K stays with the personalised ANN; a fifth goes to the user's own recent
-    categories (the ranker's attention looks exactly there), a tenth to the catalog's top
-    eCPM ads (expensive ads the cosine under-rates), and a little to ads newer than the bundle,
-    which the index knows only through their ad-tower vector.
+    Defaults: most of K stays with the personalised ANN; a twentieth goes to the user's own
+    recent categories (the ranker's attention looks there; at a fifth, on `small`, the channel
+    brought none of the full ranker's top 10 and cost the ANN 0.022 of that share, so it stays
+    small until a dataset's own `choose_ks` curves say more), a tenth to the catalog's top eCPM
+    ads (expensive ads the cosine under-rates; 0.05 of the ideal ads on `small`), and a little
+    to ads newer than the bundle, which the index knows only through their ad-tower vector.
     """
 
-    category: float = 0.2
+    category: float = 0.05
     high_value: float = 0.1
     new: float = 0.02
     recent_categories: int = 5
