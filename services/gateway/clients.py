@@ -240,7 +240,7 @@ class HttpStage(Generic[Req, Resp]):
         self._turn = 0
         self._resolved_at = time.monotonic()
         self._resolving: asyncio.Task[None] | None = None
-        self._apply(self._resolve_blocking())
+        self._apply(self._resolve_blocking() or [])
         self.breaker = BreakerGroup(lambda: [r.breaker for r in self.replicas])
 
     # ----- replica discovery ----------------------------------------------------------------
@@ -250,7 +250,9 @@ class HttpStage(Generic[Req, Resp]):
             return [url]  # an IP, or a name that did not resolve (httpx tries it per call)
         return [_with_host(url, ip) for ip in addresses]
 
-    def _resolve_blocking(self) -> list[str]:
+    def _resolve_blocking(self, keep_on_error: bool = False) -> list[str] | None:
+        """The replica URLs now. A name that does not resolve stays as itself (httpx tries it
+        per call), or with `keep_on_error` the whole answer is None: keep the replicas we have."""
         urls: list[str] = []
         for url in self.targets:
             addresses = None
@@ -260,24 +262,14 @@ class HttpStage(Generic[Req, Resp]):
                     addresses = pick_addresses(socket.getaddrinfo(
                         parts.hostname, parts.port or 80, type=socket.SOCK_STREAM))
                 except OSError:
-                    addresses = None
+                    if keep_on_error:
+                        return None
             urls.extend(self._expand(url, addresses))
         return urls
 
     async def _resolve(self) -> list[str] | None:
-        loop = asyncio.get_running_loop()
-        urls: list[str] = []
-        for url in self.targets:
-            addresses = None
-            if url in self._names:
-                parts = urlsplit(url)
-                try:
-                    addresses = pick_addresses(await loop.getaddrinfo(
-                        parts.hostname, parts.port or 80, type=socket.SOCK_STREAM))
-                except OSError:
-                    return None  # DNS trouble: keep the replicas we have
-            urls.extend(self._expand(url, addresses))
-        return urls
+        # getaddrinfo blocks: a worker thread, as asyncio's own loop.getaddrinfo does
+        return await asyncio.to_thread(self._resolve_blocking, True)
 
     def _apply(self, urls: list[str]) -> None:
         """Serve `urls` from now on: new replicas join, gone ones retire (closed when idle)."""

@@ -123,6 +123,25 @@ class ArmLog:
                      "advertiser_value", "allocated_value", "slots", "degraded"):
             self.columns[name] = np.zeros(self.n)
 
+    def draw_outcomes(self, truth: Truth, traffic: Traffic, req: ReplayRequest,
+                      hist: np.ndarray, ads: np.ndarray, positions: np.ndarray,
+                      prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What the simulated user does with the served slots (the truth, and the request's
+        common random numbers, so every arm sees the same draws), recorded for request
+        `req.index`; (clicked, converted) per slot."""
+        col, r = self.columns, req.index
+        pctr, pcvr = truth.request(int(req.user_id), hist, req.scene, positions, ads)
+        ocpa, bid, tcpa = truth.bid_terms(ads)
+        click = traffic.u_click[r, :ads.size] < pctr
+        conversion = click & (traffic.u_conversion[r, :ads.size] < pcvr)
+        col["expected_revenue"][r] = float((pctr * prices).sum())
+        col["allocated_value"][r] = float(ecpm(pctr, click_value(ocpa, bid, tcpa, pcvr)).sum())
+        col["impressions"][r] = ads.size
+        col["clicks"][r] = int(click.sum())
+        col["conversions"][r] = int(conversion.sum())
+        col["advertiser_value"][r] = float(np.where(ocpa, conversion * tcpa, click * bid).sum())
+        return click, conversion
+
 
 def arm_stages(arm: str, shared: Shared, trace: StageTrace) -> tuple[Stages, GatewayConfig,
                                                                      list[Any]]:
@@ -256,19 +275,11 @@ class ArmRun:
 
     async def _outcomes(self, req: ReplayRequest, slots: list[wire.AdSlot], ads: np.ndarray,
                         hist: np.ndarray) -> None:
-        gw, truth, col, r = self.gateway, self.shared.truth, self.log.columns, req.index
+        gw, col, r = self.gateway, self.log.columns, req.index
         positions = np.asarray([s.position for s in slots], np.int64)
         prices = np.asarray([s.price_micros for s in slots], np.float64)
-        pctr, pcvr = truth.request(int(req.user_id), hist, req.scene, positions, ads)
-        ocpa, bid, tcpa = truth.bid_terms(ads)
-        click = self.traffic.u_click[r, :ads.size] < pctr
-        conversion = click & (self.traffic.u_conversion[r, :ads.size] < pcvr)
-        col["expected_revenue"][r] = float((pctr * prices).sum())
-        col["allocated_value"][r] = float(ecpm(pctr, click_value(ocpa, bid, tcpa, pcvr)).sum())
-        col["impressions"][r] = ads.size
-        col["clicks"][r] = int(click.sum())
-        col["conversions"][r] = int(conversion.sum())
-        col["advertiser_value"][r] = float(np.where(ocpa, conversion * tcpa, click * bid).sum())
+        click, conversion = self.log.draw_outcomes(self.shared.truth, self.traffic, req, hist,
+                                                   ads, positions, prices)
         charged_before = gw.worker.stats.charged_micros
         for i, slot in enumerate(slots):
             kinds = ["impression"] + ["click"] * bool(click[i]) \

@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 
 from models.data.truth import Truth
-from models.pricing import click_value, ecpm
 from services.common.store_load import load_marketplace
 from services.common.store_memory import MemoryStore
 from services.replay.engine import ArmLog, ReplayConfig
@@ -84,17 +83,8 @@ class HttpArm:
         ads = np.asarray([s["ad_id"] for s in slots], np.int64)
         positions = np.asarray([s["position"] for s in slots], np.int64)
         prices = np.asarray([s["price_micros"] for s in slots], np.float64)
-        pctr, pcvr = self.truth.request(int(req.user_id), user.hist_ad_id, req.scene,
-                                        positions, ads)
-        ocpa, bid, tcpa = self.truth.bid_terms(ads)
-        click = self.traffic.u_click[r, :ads.size] < pctr
-        conversion = click & (self.traffic.u_conversion[r, :ads.size] < pcvr)
-        col["expected_revenue"][r] = float((pctr * prices).sum())
-        col["allocated_value"][r] = float(ecpm(pctr, click_value(ocpa, bid, tcpa, pcvr)).sum())
-        col["impressions"][r] = ads.size
-        col["clicks"][r] = int(click.sum())
-        col["conversions"][r] = int(conversion.sum())
-        col["advertiser_value"][r] = float(np.where(ocpa, conversion * tcpa, click * bid).sum())
+        click, conversion = self.log.draw_outcomes(self.truth, self.traffic, req,
+                                                   user.hist_ad_id, ads, positions, prices)
         col["revenue"][r] = float((prices * click).sum())
         for i, slot in enumerate(slots):
             self.log.served_campaigns.add(int(slot["campaign_id"]))
