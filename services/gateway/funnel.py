@@ -118,8 +118,9 @@ class Funnel:
 
     def __init__(self, bundle_path: str, data_dir: Path, config: GatewayConfig | None = None):
         settings = Settings()
-        self.config = config or GatewayConfig()
         self.bundle = read_bundle(bundle_path)
+        # the K's `cascade serve` would run: the bundle's recommendation unless set explicitly
+        self.config = (config or GatewayConfig()).for_bundle(self.bundle.manifest)
         self.retrieval = load_stage("retrieval", bundle_path, settings)
         self.prerank = load_stage("prerank", bundle_path, settings)
         self.rank = load_stage("rank", bundle_path, settings)

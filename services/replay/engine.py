@@ -83,6 +83,7 @@ class Shared:
     counts: dict[int, tuple[int, int]]
     prior_cvr: float
     version: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)  # the K's it recommends, if any
 
 
 class SimClock:
@@ -150,7 +151,7 @@ def arm_stages(arm: str, shared: Shared, trace: StageTrace) -> tuple[Stages, Gat
     late: list[Any] = []
     if arm == "cascade":
         states = {"retrieval": s["retrieval"], "prerank": s["prerank"], "rank": s["rank"]}
-        config = base
+        config = base.for_bundle(shared.manifest)  # as `cascade serve` runs it
     else:
         corpus = CorpusRecall()
         late.append(corpus)

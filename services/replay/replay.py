@@ -47,7 +47,8 @@ def load_shared(data_dir: Path, bundle_path: str, arms: tuple[str, ...]) -> Shar
     states = {name: load_stage(name, bundle_path, settings) for name, model in STATES.items()
               if model in bundle.manifest.get("models", {})}
     prior, counts, prior_cvr = bundle_priors(bundle)
-    return Shared(data_dir, truth, states, prior, counts, prior_cvr, bundle.version)
+    return Shared(data_dir, truth, states, prior, counts, prior_cvr, bundle.version,
+                  bundle.manifest)
 
 
 def run_replay(data_dir: str | Path, bundle_path: str | Path, requests: int, *, seed: int = 0,
