@@ -166,3 +166,62 @@ def test_stage_service_two_phase_reload(tmp_path: Path) -> None:
         assert version() == "v2"
         assert client.post("/admin/reload/rollback", headers=key).json()["version"] == "v1"
         assert version() == "v1"
+
+
+@pytest.mark.anyio
+async def test_requests_during_a_reload_are_scored_by_one_bundle(tiny_data: Path,
+                                                                 tiny_bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    """The stages switch one after another; meanwhile the gateway pins its requests to the
+    version every stage served before, and a stage that already switched scores such a request
+    with the state it kept. After the last commit the pin moves to the new version."""
+    from services.common import wire
+    from services.gateway.admin import reload_all
+
+    store = MemoryStore()
+    await load_marketplace(store, tiny_data)
+    gateway = Gateway(SETTINGS, GatewayConfig(), build_stages(SETTINGS, str(tiny_bundle)),
+                      store=store)
+    await gateway.start(background=False)
+    old = gateway.model_version()
+    new_bundle = variant_bundle(tiny_bundle, tmp_path, "v-next")
+    stages = gateway.stages.all()
+    mid_reload: list[tuple[str, str, str]] = []  # (stage, gateway pin, version that scored)
+
+    def pinned_request(name: str) -> wire.WireModel:
+        part = dict(request_id="pin", user_id="5", scene="home_feed",
+                    model_version=gateway.model_version())
+        ids = list(range(1, 40))
+        return {"retrieval": wire.RecallRequest(k=20, **part),
+                "prerank": wire.PrerankRequest(k=10, ad_ids=ids, **part),
+                "rank": wire.RankRequest(ad_ids=ids, **part)}[name]
+
+    for name, client in stages.items():
+        async def commit(_name: str = name, _client: Any = client,
+                         _commit: Any = client.commit) -> Any:
+            result = await _commit()  # this stage now serves the new bundle...
+            answer = await _client.call(pinned_request(_name), _deadline())
+            mid_reload.append((_name, gateway.model_version(), answer.info.model_version))
+            return result
+
+        client.commit = commit
+    out = await reload_all(stages, str(new_bundle), gateway.pin_version)
+    assert {entry["version"] for entry in out.values()} == {"v-next"} and old != "v-next"
+    assert [m[0] for m in mid_reload] == list(stages)
+    for name, pin, scored_by in mid_reload:  # ...but requests pinned before score with the old
+        assert pin == old and scored_by == old, (name, pin, scored_by)
+    assert gateway.model_version() == "v-next"
+    for name, client in stages.items():  # pinned to the new one, or not pinned: the new one
+        assert (await client.call(pinned_request(name), _deadline())).info.model_version \
+            == "v-next"
+    answer = await gateway.serve_ads(wire.AdsRequest(request_id="after", user_id="5",
+                                                     scene="home_feed", slots=2),
+                                     time.monotonic())
+    assert answer.model_version == "v-next"
+    await gateway.stop()
+
+
+def _deadline() -> Any:
+    from services.common.deadline import Deadline
+
+    return Deadline(time.monotonic() + 30)

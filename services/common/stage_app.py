@@ -98,6 +98,22 @@ class Endpoint:
     admin: bool = False  # under /admin: needs the admin key when one is configured
 
 
+def pinned_state(current: Any, previous: Any, pinned: str) -> Any:
+    """The state that scores a request pinned to bundle version `pinned`.
+
+    The gateway pins the version it served before a reload until every stage has switched, so
+    a stage that already switched scores those requests with the state it kept (`previous`);
+    every answer is then scored by one bundle end to end. Unpinned, or pinned to a version this
+    stage does not hold (a restarted stage), it is the current state; the answer's
+    `info.model_version` says which.
+    """
+    if not pinned or current is None or str(current.version) == pinned:
+        return current
+    if previous is not None and str(previous.version) == pinned:
+        return previous
+    return current
+
+
 class HttpError(Exception):
     """An error answer with a status and a JSON body (detail, and the field when known)."""
 
@@ -278,8 +294,10 @@ class StageRuntime:
 
     async def call(self, endpoint: Endpoint, request: wire.WireModel,
                    deadline: Deadline) -> wire.WireModel:
-        """Run the handler on a worker thread against the state current at arrival."""
-        state = self._state
+        """Run the handler on a worker thread against the state current at arrival, or the
+        one before it when the request is pinned to that version (see `pinned_state`)."""
+        previous = self._previous[0] if self._previous is not None else None
+        state = pinned_state(self._state, previous, getattr(request, "model_version", ""))
         if state is None:
             raise HttpError(503, f"{self.name}: no bundle loaded")
         submitted = time.perf_counter()

@@ -176,6 +176,10 @@ class _UserPart(WireModel):
     user: dict[str, ScalarValue] = Field(default_factory=dict)
     hist: dict[str, Column] = Field(default_factory=dict)
     context: dict[str, ScalarValue] = Field(default_factory=dict)
+    # The bundle version the gateway pinned for this request (empty: the stage's current one).
+    # During a reload a stage that already switched still holds the previous state, and scores
+    # a request pinned to it with it, so every answer is scored by one bundle end to end.
+    model_version: str = ""
 
     @field_validator("user_id", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -80,18 +81,25 @@ class ExportBody(wire.WireModel):
     out: str = Field(min_length=1, max_length=255)
 
 
-async def reload_all(stages: dict[str, Any], bundle: str | None) -> dict[str, Any]:
+async def reload_all(stages: dict[str, Any], bundle: str | None,
+                     pin: Callable[[str], None] = lambda version: None) -> dict[str, Any]:
     """Switch every stage to `bundle`, or none: each stage first loads and verifies it beside
     the old one (prepare); only when all have, each switches (commit). A stage that fails to
     prepare -> every staged bundle is dropped, 422 naming the stage; nothing switched. A commit
     that fails (a stage process died meanwhile) -> the stages already switched roll back, 503.
 
     Any loader error counts (a corrupt safetensors or faiss file raises its library's own
-    exception class), so a bad bundle is a 422, never a 500."""
+    exception class), so a bad bundle is a 422, never a 500.
+
+    `pin(version)` sets the bundle version the gateway pins its requests to: the one every stage
+    served before (as each stage's prepare reports it) while the stages switch one by one, then
+    the new one once all have, or the old one again after a rollback. A stage that switched
+    keeps the old state for requests pinned to it, so no answer mixes two bundles."""
     prepared: list[tuple[str, Any]] = []
+    before: set[str] = set()
     for name, client in stages.items():
         try:
-            await client.prepare(bundle)
+            before.add(str((await client.prepare(bundle)).previous))
         except Exception as exc:  # noqa: BLE001 - any failure keeps every old bundle
             for _, done in prepared:
                 await _quietly(done.abort())
@@ -99,6 +107,8 @@ async def reload_all(stages: dict[str, Any], bundle: str | None) -> dict[str, An
             raise HttpError(422, f"reload of {name} failed, every stage kept the old bundle: "
                                  f"{type(exc).__name__}: {exc}"[:1000], "bundle") from None
         prepared.append((name, client))
+    old = before.pop() if len(before) == 1 else ""  # stages on different bundles: no pin
+    pin(old)
     out: dict[str, Any] = {}
     committed: list[Any] = []
     for name, client in prepared:
@@ -113,6 +123,8 @@ async def reload_all(stages: dict[str, Any], bundle: str | None) -> dict[str, An
                             "bundle") from None
         committed.append(client)
         out[name] = {"version": result.version, "previous": result.previous}
+    after = {entry["version"] for entry in out.values()}
+    pin(after.pop() if len(after) == 1 else "")
     return out
 
 
@@ -229,7 +241,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
 
     async def reload(request: Request) -> dict[str, Any]:
         body = await decode_body(request, wire.ReloadRequest, ADMIN_BODY_LIMIT)
-        return await reload_all(gateway.stages.all(), body.bundle or None)
+        return await reload_all(gateway.stages.all(), body.bundle or None, gateway.pin_version)
 
     async def export(request: Request) -> dict[str, Any]:
         from services.gateway.served_log import export_path, export_training_set

@@ -354,7 +354,8 @@ class Cascade:
             context["device"] = request.context.device
         st.part = dict(request_id=request.request_id, user_id=request.user_id,
                        scene=request.scene, context=context, hist=self._hist(st.user),
-                       user={k: v for k, v in (st.user.profile or {}).items() if k != "user_id"})
+                       user={k: v for k, v in (st.user.profile or {}).items() if k != "user_id"},
+                       model_version=self.model_version())  # one bundle for every stage
 
     # -- 2 recall ------------------------------------------------------------------------------
     async def _recall(self, st: RequestState, deadline: Deadline) -> None:

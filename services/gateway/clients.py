@@ -46,6 +46,7 @@ import httpx
 from services.common import wire
 from services.common.bundle_guard import bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
+from services.common.stage_app import pinned_state
 from services.gateway.breaker import BreakerConfig, BreakerGroup, BreakerOpen, CircuitBreaker
 
 Req = TypeVar("Req", bound=wire.WireModel)
@@ -106,7 +107,10 @@ class LocalStage(Generic[Req, Resp]):
         return str(getattr(self.state, "version", ""))
 
     async def call(self, request: Req, deadline: Deadline) -> Resp:
-        state = self.state  # one reference for the whole call (atomic swap on reload)
+        # one reference for the whole call (atomic swap on reload); a request pinned to the
+        # version before a commit still in progress elsewhere is scored by that one
+        previous = self._previous[0] if self._previous is not None else None
+        state = pinned_state(self.state, previous, getattr(request, "model_version", ""))
 
         def work() -> Resp:
             if deadline.expired:

@@ -130,9 +130,15 @@ class Gateway:
         self._served_queue: list[dict[str, Any]] = []
         self._served_writer: asyncio.Task[None] | None = None
         self.started = False
+        self.pinned_version = ""  # set by a reload (admin.reload_all); empty: stages' current
 
     def model_version(self) -> str:
-        return str(getattr(self.stages.rank, "version", "") or "")
+        """The bundle version requests are pinned to: what every stage serves, or during a
+        reload the version before it (stages that switched still hold it)."""
+        return self.pinned_version or str(getattr(self.stages.rank, "version", "") or "")
+
+    def pin_version(self, version: str) -> None:
+        self.pinned_version = version
 
     def sources(self) -> ServedSources:
         return ServedSources(self.store, self.served, self.labels)

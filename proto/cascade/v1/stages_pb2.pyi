@@ -49,7 +49,7 @@ class StageInfo(_message.Message):
     def __init__(self, model_version: _Optional[str] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class RecallRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "scene", "k", "user_vector", "user", "hist", "context", "eligibility", "debug", "quotas")
+    __slots__ = ("request_id", "user_id", "scene", "k", "user_vector", "user", "hist", "context", "eligibility", "debug", "quotas", "model_version")
     class UserEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class RecallRequest(_message.Message):
     ELIGIBILITY_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     scene: str
@@ -100,7 +101,8 @@ class RecallRequest(_message.Message):
     eligibility: Eligibility
     debug: bool
     quotas: _containers.ScalarMap[str, float]
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., k: _Optional[int] = ..., user_vector: _Optional[bytes] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., debug: _Optional[bool] = ..., quotas: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., k: _Optional[int] = ..., user_vector: _Optional[bytes] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., debug: _Optional[bool] = ..., quotas: _Optional[_Mapping[str, float]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RecallResponse(_message.Message):
     __slots__ = ("ad_ids", "scores", "channel", "eligible", "info", "channels", "channel_names")
@@ -121,7 +123,7 @@ class RecallResponse(_message.Message):
     def __init__(self, ad_ids: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., channel: _Optional[str] = ..., eligible: _Optional[int] = ..., info: _Optional[_Union[StageInfo, _Mapping]] = ..., channels: _Optional[bytes] = ..., channel_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrerankRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "scene", "k", "user", "hist", "context", "ad_ids", "values")
+    __slots__ = ("request_id", "user_id", "scene", "k", "user", "hist", "context", "ad_ids", "values", "model_version")
     class UserEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,7 @@ class PrerankRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     AD_IDS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     scene: str
@@ -161,7 +164,8 @@ class PrerankRequest(_message.Message):
     context: _containers.MessageMap[str, Scalar]
     ad_ids: bytes
     values: bytes
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., k: _Optional[int] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., ad_ids: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
+    model_version: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., k: _Optional[int] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., ad_ids: _Optional[bytes] = ..., values: _Optional[bytes] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class PrerankResponse(_message.Message):
     __slots__ = ("ad_ids", "scores", "info")
@@ -174,7 +178,7 @@ class PrerankResponse(_message.Message):
     def __init__(self, ad_ids: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., info: _Optional[_Union[StageInfo, _Mapping]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "scene", "user", "hist", "context", "ad_ids", "ad_features")
+    __slots__ = ("request_id", "user_id", "scene", "user", "hist", "context", "ad_ids", "ad_features", "model_version")
     class UserEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +215,7 @@ class RankRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     AD_IDS_FIELD_NUMBER: _ClassVar[int]
     AD_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     scene: str
@@ -219,7 +224,8 @@ class RankRequest(_message.Message):
     context: _containers.MessageMap[str, Scalar]
     ad_ids: bytes
     ad_features: _containers.MessageMap[str, Column]
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., ad_ids: _Optional[bytes] = ..., ad_features: _Optional[_Mapping[str, Column]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scene: _Optional[str] = ..., user: _Optional[_Mapping[str, Scalar]] = ..., hist: _Optional[_Mapping[str, Column]] = ..., context: _Optional[_Mapping[str, Scalar]] = ..., ad_ids: _Optional[bytes] = ..., ad_features: _Optional[_Mapping[str, Column]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("ad_ids", "pctr", "pcvr", "pctcvr", "info")
