@@ -100,7 +100,8 @@ def test_host_settings_cannot_override_the_topology() -> None:
     env = process_environment(spec, {"PATH": "/bin", "CASCADE_RANK_URL": "http://elsewhere:1",
                                      "REDIS_URL": "redis://other:6379/0"})
     assert env["PATH"] == "/bin" and "CASCADE_RANK_URL" not in env
-    assert "REDIS_URL" not in env  # a stage needs no store, and gets none from the host
+    # a stage reads the catalog's change log from the stack's own Redis, never the host's
+    assert env["REDIS_URL"] == REDIS
 
 
 def test_compose_interpolation_rules() -> None:

@@ -62,7 +62,8 @@ def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def build_openapi(app: FastAPI, operations: Operations, description: str) -> dict[str, Any]:
+def build_openapi(app: FastAPI, operations: Operations, description: str,
+                  key_description: str) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                       description=description)
     components = doc.setdefault("components", {})
@@ -70,7 +71,7 @@ def build_openapi(app: FastAPI, operations: Operations, description: str) -> dic
     schemas["Error"] = ERROR
     components["securitySchemes"] = {
         SCHEME: {"type": "apiKey", "in": "header", "name": "X-API-Key",
-                 "description": "the key this caller holds (see the description)"}}
+                 "description": key_description}}
     error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for (path, method), op in operations.items():
         operation = doc.setdefault("paths", {}).setdefault(path, {}).setdefault(method, {})
@@ -100,11 +101,12 @@ def build_openapi(app: FastAPI, operations: Operations, description: str) -> dic
     return doc
 
 
-def install_openapi(app: FastAPI, operations: Callable[[], Operations], description: str) -> None:
+def install_openapi(app: FastAPI, operations: Callable[[], Operations], description: str,
+                    key_description: str) -> None:
     """Serve `build_openapi` at /openapi.json (built once, on first request)."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, operations(), description)
+            app.openapi_schema = build_openapi(app, operations(), description, key_description)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -584,7 +584,8 @@ def create_stage_app(name: str, loader: Loader, *, endpoints: tuple[Endpoint, ..
                           name=endpoint.path.strip("/").replace("/", "_"))
     install_openapi(app, lambda: stage_operations(name, endpoints),
                     f"Cascade {name} stage. Every POST needs X-API-Key: the internal key "
-                    "(CASCADE_INTERNAL_KEY) the gateway sends.")
+                    "(CASCADE_INTERNAL_KEY) the gateway sends.",
+                    "the internal key (CASCADE_INTERNAL_KEY)")
     return app
 
 

@@ -41,4 +41,5 @@ def _operations() -> dict[tuple[str, str], Operation]:
 
 
 def install_openapi(app: FastAPI) -> None:
-    doc.install_openapi(app, _operations, DESCRIPTION)
+    doc.install_openapi(app, _operations, DESCRIPTION,
+                        "the frontend key on /v1, the admin key on /admin")

@@ -197,11 +197,17 @@ class Gateway:
                                hist_category_id=view.ads.category_id[rows].tolist()) \
                 if i % 2 == 0 and rows.size else UserContext(profile=None)
             try:
-                await self.cascade.run(wire.AdsRequest(
+                result = await self.cascade.run(wire.AdsRequest(
                     request_id=f"warm-up-{i}", user_id="__warm_up__",
                     scene=scenes[i % len(scenes)], slots=1, budget_ms=10_000), user=user)
             except Exception:  # noqa: BLE001 - warm-up is best effort
                 log.exception("warm-up request failed")
+                continue
+            late = [s.name for s in result.response.stages
+                    if s.degraded and "deadline" in s.reason]
+            if late:  # a hung stage: each further round would wait out its budget again
+                log.warning("warm-up stopped: %s did not answer within 10 s", ", ".join(late))
+                return
 
     async def stop(self) -> None:
         self._stop.set()
