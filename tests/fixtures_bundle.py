@@ -7,6 +7,8 @@ points at the one version. Quality is low on purpose; serving tests check behavi
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from services.retrieval.index import add_bundle_index
 # What the serving path needs (recall, pre-rank, rank, cold start): the eval-only baselines
 # (`base`, `cvr_base`) would double the fixture's training time.
 FIXTURE_MODELS = ("two_tower", "dqm", "din_esmm", "qscore")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_bundle(data_dir: Path, out_root: Path, *, max_train_rows: int = 20_000,
@@ -42,3 +45,17 @@ def tiny_bundle(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     root = tmp_path_factory.mktemp("bundles")
     build_bundle(tiny_data, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BUNDLES root trained by the real `cascade train` with its default flags (every model) on
+    `tiny_data`. The suite's longest training, so the tests that need it share one (read-only).
+    """
+    out = tmp_path_factory.mktemp("default-bundles")
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "train", "--data", str(tiny_data),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "faiss index" in proc.stdout
+    return out

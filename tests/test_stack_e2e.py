@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -33,11 +31,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundles")
-    subprocess.run([sys.executable, "-m", "cli.main", "train", "--data", str(tiny_data),
-                    "--out", str(out)], cwd=ROOT, check=True, timeout=1200)
-    return out
+def bundle(default_bundle: Path) -> Path:
+    """The bundle `cascade train` makes with its defaults (shared with test_train_eval)."""
+    return default_bundle
 
 
 def _post(url: str, body: dict, key: str) -> dict:

@@ -20,14 +20,10 @@ CASCADE = [sys.executable, "-m", "cli.main"]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    """Every model, trained with the default flags on tiny through the real `cascade train`."""
-    out = tmp_path_factory.mktemp("bundles")
-    proc = subprocess.run(CASCADE + ["train", "--data", str(tiny_data), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "faiss index" in proc.stdout
-    return out
+def trained(default_bundle):
+    """Every model, trained with the default flags on tiny through the real `cascade train`
+    (tests/fixtures_bundle.py; the stack test serves the same bundle)."""
+    return default_bundle
 
 
 @pytest.fixture(scope="module")
