@@ -36,6 +36,21 @@ def test_fault_row_counts_errors_shed_degraded_and_the_event_ledger() -> None:
     assert row["recovery_s"] == 1.23
 
 
+def test_a_wipe_forgets_what_it_destroyed() -> None:
+    """Redis restarted empty: an event applied only before the wipe is lost with the store; one
+    applied before and again after (a re-send whose dedupe marker was wiped) counts once; one
+    applied twice after the wipe is a real double count."""
+    ledger = Ledger(accepted={"gone": 1.0, "resent": 1.0, "twice": 2.0},
+                    applied=Counter({"gone": 1, "resent": 1}))
+    ledger.wipe()
+    ledger.applied.update({"resent": 1, "twice": 2})
+    row = fault_row("wipe", ledger, window=(0.0, 5.0), fault_span=(0.0, 5.0), recovery_s=0.1)
+    assert row["events_accepted"] == 3 and row["events_applied"] == 2
+    assert row["events_lost"] == 1 and row["events_double"] == 1
+    ledger.wipe()  # a second wipe destroys what the first left standing
+    assert [ledger.live(e) for e in ("gone", "resent", "twice")] == [0, 0, 0]
+
+
 def test_readme_table_is_rewritten_between_the_markers(tmp_path: Path) -> None:
     result = {"faults": [{c: 0 for c in COLUMNS} | {"fault": "f1", "p99_ms": None}],
               "rps": 8.0, "budget_ms": 200.0, "replay_share": 0.2}

@@ -95,6 +95,18 @@ class Ledger:
     ads: list[AdSample] = field(default_factory=list)
     accepted: dict[str, float] = field(default_factory=dict)  # event id -> first try time
     applied: Counter[str] = field(default_factory=Counter)  # event id -> label records seen
+    # label records a wipe destroyed (Redis restarted empty): their effects went with the store,
+    # so an event applied before the wipe and again after it (a re-send that found no dedupe
+    # marker) counts once in the restored store, not twice
+    wiped: Counter[str] = field(default_factory=Counter)
+
+    def live(self, event_id: str) -> int:
+        """How many times the event's effects stand in the store now."""
+        return self.applied[event_id] - self.wiped[event_id]
+
+    def wipe(self) -> None:
+        """Redis came back empty: what was applied so far is gone with it."""
+        self.wiped.update(self.applied - self.wiped)
 
 
 class Stack:
@@ -333,7 +345,7 @@ async def recovered(stack: Stack, timeout_s: float = 90.0) -> float:
 
 
 async def inject(fault: str, stack: Stack, cfg: ChaosConfig, work: Path,
-                 notes: dict[str, Any]) -> None:
+                 notes: dict[str, Any], ledger: Ledger) -> None:
     """Apply the fault and undo it (returns when undone; recovery is measured after)."""
     if fault == "stage_kill":
         stack.signal("rank", signal.SIGKILL)
@@ -352,6 +364,7 @@ async def inject(fault: str, stack: Stack, cfg: ChaosConfig, work: Path,
         await asyncio.to_thread(stack.redis.restart)
     elif fault == "redis_restart_empty":
         await asyncio.to_thread(stack.redis.restart, empty=True)
+        ledger.wipe()
         await stack.load_store()
     elif fault == "bundle_swap":
         good = [variant_bundle(cfg.bundle, work / "bundles", f"chaos-v{i}") for i in (1, 2)]
@@ -387,7 +400,7 @@ def fault_row(name: str, ledger: Ledger, window: tuple[float, float],
     errors = sum(1 for s in ads if s.status == 0 or (s.status >= 500 and not s.shed))
     answered = [s for s in ads if s.status == 200]
     accepted = [e for e, t in ledger.accepted.items() if window[0] <= t < window[1]]
-    applied = [e for e in accepted if ledger.applied[e] >= 1]
+    applied = [e for e in accepted if ledger.live(e) >= 1]
     return {
         "fault": name, "requests": len(ads), "errors": errors,
         "degraded_share": round(sum(s.degraded for s in answered) / max(1, len(answered)), 4),
@@ -395,7 +408,7 @@ def fault_row(name: str, ledger: Ledger, window: tuple[float, float],
         "recovery_s": None if recovery_s != recovery_s else round(recovery_s, 2),
         "events_accepted": len(accepted), "events_applied": len(applied),
         "events_lost": len(accepted) - len(applied),
-        "events_double": sum(1 for e in accepted if ledger.applied[e] > 1),
+        "events_double": sum(1 for e in accepted if ledger.live(e) > 1),
     }
 
 
@@ -427,7 +440,7 @@ async def run_chaos(cfg: ChaosConfig, work: Path, say: Callable[[str], None] = p
             say(f"fault: {name}")
             notes: dict[str, Any] = {}
             began = time.monotonic()
-            await inject(fault, stack, cfg, work, notes)
+            await inject(fault, stack, cfg, work, notes, ledger)
             undone = time.monotonic()
             recovery = await recovered(stack)
             await asyncio.sleep(cfg.settle_s)
