@@ -27,6 +27,7 @@ from services.common.store_load import load_marketplace
 from services.common.store_redis import RedisStore
 from services.stack.launcher import free_port
 from tests.fixtures_redis import prefix_for
+from tests.test_faults import wait_until
 
 pytestmark = pytest.mark.slow
 KEY = "catchup-internal-key-0123456"
@@ -95,15 +96,6 @@ def recalled(url: str, k: int) -> set[int]:
                        json={"scene": "search", "k": k})
     assert reply.status_code == 200, reply.text
     return set(wire.decode(wire.RecallResponse, reply.content).ad_ids.tolist())
-
-
-def wait_until(check, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture
