@@ -22,6 +22,7 @@ from services.common.deadline import Deadline
 from services.gateway.breaker import CLOSED, OPEN, BreakerConfig
 from services.gateway.clients import HttpStage, StageSkipped, pick_addresses, replica_urls
 from services.stack.launcher import free_port
+from tests.test_e2e_gateway import _wait_ready as wait_all_ready
 
 INTERNAL = "replicas-internal-key-01"
 
@@ -65,16 +66,7 @@ def _start_prerank(bundle: Path) -> tuple[subprocess.Popen, str]:
 
 
 def _wait_ready(procs: list[subprocess.Popen], urls: list[str]) -> None:
-    deadline = time.monotonic() + 180
-    for proc, url in zip(procs, urls, strict=True):
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, url
-            time.sleep(0.2)
+    wait_all_ready(list(zip(procs, urls, strict=True)))
 
 
 def _served(url: str) -> float:
