@@ -67,6 +67,22 @@ def test_cluster_url_selects_the_cluster_client_and_names_its_nodes() -> None:
         cluster_url_nodes("redis+cluster://h1:port")
 
 
+async def test_a_full_connection_pool_makes_callers_wait_and_counts_stay_exact(
+        redis_cluster_url: str, cluster_prefix: str) -> None:
+    """redis-py's cluster client fails a pipeline once a node's pool is full, then closes every
+    connection and re-runs the pipelines in flight, so increments were applied twice (CI: 121
+    of 100). With 2 connections and 100 concurrent increments, every caller must wait its turn
+    and each increment land once."""
+    store = RedisStore.from_url(redis_cluster_url, prefix=cluster_prefix, max_connections=2)
+    try:
+        await asyncio.gather(*(store.incr_qscore(9, impressions=1) for _ in range(100)))
+        await asyncio.gather(*(store.incr_spend(5, DAY, 3) for _ in range(100)))
+        assert await store.get_qscores([9]) == {9: (100, 0)}
+        assert await store.get_spend([5], DAY) == {5: 300}
+    finally:
+        await store.close()
+
+
 async def test_keys_read_together_share_a_slot_and_event_shards_spread_over_all_nodes(
         cluster_store: RedisStore) -> None:
     store = cluster_store

@@ -13,6 +13,7 @@ share a hash tag (`user:{id}`, `seq:{id}`, `cap:{id}:{day}` on the user id; the 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
@@ -21,7 +22,8 @@ from typing import Any, TypeVar
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.common.store import (
     CAP_TTL_S,
@@ -54,7 +56,70 @@ return version
 
 
 CLUSTER_SCHEME = "redis+cluster://"
-CLUSTER_MAX_CONNECTIONS = 256  # per node; the cluster client raises, not waits, past it
+CLUSTER_MAX_CONNECTIONS = 256  # per node; `WaitingCluster` waits rather than pass it
+
+_HOLDS_TURN: contextvars.ContextVar[bool] = contextvars.ContextVar("holds_turn", default=False)
+
+
+class WaitingCluster(RedisCluster):
+    """A `RedisCluster` whose callers wait for a free connection instead of failing.
+
+    redis-py's cluster client raises `MaxConnectionsError` once a node's pool is full, and that
+    error is a `ConnectionError`, so a pipeline that meets it closes EVERY connection of the
+    client (`aclose`) and re-runs: the other pipelines in flight lose their connections
+    mid-reply and re-run too, applying their INCRBYs twice (CI: 100 concurrent Qscore
+    increments counted 121). A plain client's `BlockingConnectionPool` waits instead; this
+    gives the cluster client the same contract: at most `max_connections` commands or
+    pipelines in flight (each holds at most one connection per node), the rest wait up to
+    `pool_timeout` s, then fail with a clear `ConnectionError` and nothing re-sent.
+    """
+
+    def __init__(self, *args: Any, pool_timeout: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(int(kwargs.get("max_connections")
+                                            or CLUSTER_MAX_CONNECTIONS))
+        self._pool_timeout = pool_timeout
+
+    async def take_turn(self) -> None:
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise RedisConnectionError(
+                f"no free Redis Cluster connection within {self._pool_timeout} s") from None
+
+    async def in_turn(self, call: Any) -> Any:
+        """Run `call()` holding one turn; calls nested inside it (a pipeline's redirected
+        commands, a script's reload) reuse the caller's turn, so they cannot deadlock."""
+        if _HOLDS_TURN.get():
+            return await call()
+        await self.take_turn()
+        token = _HOLDS_TURN.set(True)
+        try:
+            return await call()
+        finally:
+            _HOLDS_TURN.reset(token)
+            self._turns.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.in_turn(lambda: super(WaitingCluster, self).execute_command(
+            *args, **kwargs))
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None
+                 ) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # raises, as the base does
+        return _WaitingPipeline(self, transaction)
+
+
+class _WaitingPipeline(ClusterPipeline):
+    cluster_client: WaitingCluster
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True
+                      ) -> list[Any]:
+        return await self.cluster_client.in_turn(lambda: super(_WaitingPipeline, self).execute(
+            raise_on_error, allow_redirections))
+
 
 RedisClient = aioredis.Redis | RedisCluster
 
@@ -97,15 +162,15 @@ def redis_client(url: str, *, max_connections: int | None = None,
     `redis+cluster://h1:p1,h2:p2` gives a `RedisCluster` seeded from those nodes (it discovers
     the rest); any other URL a plain `Redis`. With `max_connections` a plain client's pool
     blocks (up to `pool_timeout` s) when all are busy rather than failing a request during a
-    burst; the cluster client keeps a pool per node.
+    burst; the cluster client (`WaitingCluster`) waits the same way.
     """
     kwargs.setdefault("decode_responses", True)
     if is_cluster_url(url):
         nodes, user, password = cluster_url_nodes(url)
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes],
-                            username=user, password=password,
-                            max_connections=max_connections or CLUSTER_MAX_CONNECTIONS,
-                            **kwargs)
+        return WaitingCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+                              username=user, password=password, pool_timeout=pool_timeout,
+                              max_connections=max_connections or CLUSTER_MAX_CONNECTIONS,
+                              **kwargs)
     if max_connections is None:
         return aioredis.Redis.from_url(url, **kwargs)
     pool = aioredis.BlockingConnectionPool.from_url(
