@@ -45,6 +45,8 @@ TRIALS: dict[str, dict[str, Any]] = {
     "tower=(64,32)": {"config": {"tower_hidden": [64, 32]}},
     "attention=(64,32)": {"config": {"attention_hidden": [64, 32]}},
     "attention_softmax": {"config": {"attention_softmax": True}},
+    "interest_match": {"config": {"interest_match": True}},
+    "no_interest_match": {"config": {"interest_match": False}},
 }
 
 

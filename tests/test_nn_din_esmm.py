@@ -10,6 +10,8 @@ from models.nn.din_esmm import DinEsmm, esmm_losses
 from tests.test_nn_support import random_batch, rows, tiny_schema, with_extra_pads
 
 DENSE = RankerConfig(attention_hidden=(8, 4), tower_hidden=(16, 8), sparse_embeddings=False)
+MATCH = RankerConfig(attention_hidden=(8, 4), tower_hidden=(16, 8), sparse_embeddings=False,
+                     interest_match=True)
 
 
 def _model(config: RankerConfig = DENSE, seed: int = 0) -> DinEsmm:
@@ -35,10 +37,9 @@ def test_outputs_are_consistent_probabilities():
 
 
 def test_adding_pads_changes_no_score_in_eval_and_training():
-    model = _model()
     batch = random_batch(tiny_schema(), size=16, length=6)
     padded = with_extra_pads(batch, 9)
-    for train in (False, True):
+    for model, train in ((m, t) for m in (_model(), _model(MATCH)) for t in (False, True)):
         model.train(train)
         torch.manual_seed(0)
         a = model(batch)["pctcvr"]
@@ -62,10 +63,13 @@ def test_empty_history_gives_finite_scores():
     batch = random_batch(schema, size=4)
     batch["hist_ad_id"].zero_()
     batch["hist_category_id"].zero_()
-    for model in (_model(), _model().train()):
+    for model in (_model(), _model().train(), _model(MATCH), _model(MATCH).train()):
         out = model(batch)
         assert all(torch.isfinite(v).all() for v in out.values())
         assert torch.isfinite(model.loss(out, batch["click"], batch["conversion"]))
+    match = _model(MATCH).backbone
+    feats = match(batch)
+    assert torch.equal(feats[:, -2:], torch.zeros(4, 2))  # no history: no evidence either way
 
 
 def test_esmm_loss_matches_the_formula_and_stays_finite_when_saturated():
@@ -125,9 +129,10 @@ def test_each_feature_is_embedded_once_per_forward():
 
 
 def test_score_candidates_equals_forward_on_the_expanded_batch():
-    for softmax in (False, True):
+    for softmax, match in ((False, False), (True, False), (False, True)):
         config = RankerConfig(attention_hidden=(8, 4), tower_hidden=(16, 8),
-                              attention_softmax=softmax, sparse_embeddings=False)
+                              attention_softmax=softmax, sparse_embeddings=False,
+                              interest_match=match)
         model = _model(config)
         schema = tiny_schema()
         cands = random_batch(schema, size=30, seed=7)
@@ -155,3 +160,17 @@ def test_mba_l2_through_the_model_spares_absent_ids():
     keep[present] = False
     assert torch.count_nonzero(grad[keep]) == 0
     assert torch.count_nonzero(grad[present[present > 0]]) > 0
+
+
+def test_interest_match_pools_the_cosines_of_real_behaviours_by_sharpness():
+    from models.nn.backbone import InterestMatch
+
+    query = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]])  # cosines 0, 0.707, 1 (a pad)
+    mask = torch.tensor([[True, True, False]])
+    sharp, flat = InterestMatch(1, sharpness=1e4), InterestMatch(1, sharpness=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(sharp([(query, keys)], mask), torch.tensor([[2 ** -0.5]]))
+        assert torch.allclose(flat([(query, keys)], mask), torch.tensor([[2 ** -0.5 / 2]]))
+        serving = sharp.for_candidates([(query, keys[0][mask[0]])])
+    assert torch.allclose(serving, torch.tensor([[2 ** -0.5]]))

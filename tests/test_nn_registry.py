@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,7 +38,16 @@ def test_config_round_trips_through_json(name):
     config = config_from_dict(name, SMALL[name])
     again = config_from_dict(name, json.loads(json.dumps(config.to_dict())))
     assert again == config
-    assert default_config(name) == config_from_dict(name, {})
+    full = default_config(name).to_dict()
+    assert default_config(name) == config_from_dict(name, full)
+    # a key an older manifest lacks means what it meant then (rankers before interest_match)
+    older = config_from_dict(name, {})
+    assert older == replace(default_config(name), **type(older).absent_means)
+
+
+def test_a_ranker_bundle_from_before_interest_match_rebuilds_without_it():
+    assert RankerConfig().interest_match
+    assert not config_from_dict("din_esmm", {"tower_hidden": [8]}).interest_match
 
 
 def test_bad_configs_are_refused_with_the_field_named():

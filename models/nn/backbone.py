@@ -3,14 +3,17 @@
 `DinBackbone` pools the behaviour sequence with target attention (the candidate ad is the
 query); `SumPoolBackbone` sums it (the `base` model). Both embed every feature exactly once per
 forward, so ESMM's two towers share one lookup instead of re-running the tables per tower.
-The vector is [user | pooled behaviour | ad | scene].
+The vector is [user | pooled behaviour | ad | scene], and DIN's adds the interest match
+(`InterestMatch`) when the config asks for it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.features.schema import FeatureSchema
@@ -72,6 +75,51 @@ class _RankingInputs(nn.Module):
         )
 
 
+class InterestMatch(nn.Module):
+    """Per behaviour field, how well the candidate matches the user's most similar behaviours.
+
+    For each field the candidate shares a table with (ad id, category), the cosine between the
+    candidate's row and every behaviour's row is pooled by a softmax with a learnt sharpness
+    (high: the best match; low: the mean), one number per field. Why: DIN's activation unit
+    hands the tower a weighted SUM of behaviour vectors, from which the tower must recover how
+    similar the candidate is to the user's interests, with products it can only approximate;
+    a single relevant behaviour inside a long unrelated history is then easily washed out. The
+    match itself, as a feature, is what interest-based click models turn on (SIM and ETA feed
+    such relevance scores to the tower too). Cosine keeps it in [-1, 1] from the first step. An
+    empty history gives 0: no evidence either way.
+    """
+
+    def __init__(self, fields: int, sharpness: float = 5.0) -> None:
+        super().__init__()
+        self.log_sharpness = nn.Parameter(torch.full((fields,), math.log(sharpness)))
+
+    def _pool(self, field: int, sims: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        logits = sims * self.log_sharpness[field].exp()
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        return (weights * sims.masked_fill(~mask, 0.0) if mask is not None
+                else weights * sims).sum(-1)
+
+    def forward(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                mask: torch.Tensor) -> torch.Tensor:
+        """[B, fields] from (query [B, D], keys [B, L, D]) per field and mask [B, L]."""
+        return torch.stack([
+            self._pool(i, F.cosine_similarity(q.unsqueeze(1), k, dim=-1), mask)
+            for i, (q, k) in enumerate(pairs)], dim=-1)
+
+    def for_candidates(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Serving: [N, fields] from (candidates [N, D], real behaviours [L, D]) per field."""
+        out = []
+        for i, (cand, hist) in enumerate(pairs):
+            if hist.shape[0] == 0:
+                out.append(cand.new_zeros(cand.shape[0]))
+                continue
+            sims = F.normalize(cand, dim=-1, eps=1e-8) @ F.normalize(hist, dim=-1, eps=1e-8).T
+            out.append(self._pool(i, sims, None))
+        return torch.stack(out, dim=-1)
+
+
 class DinBackbone(_RankingInputs):
     """Embeddings + DIN activation unit with the candidate ad as the query."""
 
@@ -84,13 +132,23 @@ class DinBackbone(_RankingInputs):
             config.attention_activation,
             config.attention_softmax,
         )
+        self.match = InterestMatch(len(self.behaviour_names)) if config.interest_match else None
+        if self.match is not None:
+            self.out_dim += len(self.behaviour_names)
+
+    def _with_match(self, features: torch.Tensor, match: torch.Tensor | None) -> torch.Tensor:
+        return features if match is None else torch.cat([features, match], dim=-1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         embs = self.embeddings.lookup(batch, self.all_names)
         query = self._cat(embs, self.query_names)
         keys = self._cat(embs, self.behaviour_names)
-        pooled = self.attention(query, keys, self.embeddings.sequence_mask(batch))
-        return self._assemble(embs, pooled)
+        mask = self.embeddings.sequence_mask(batch)
+        pooled = self.attention(query, keys, mask)
+        match = None if self.match is None else self.match(
+            [(embs[q], embs[b]) for q, b in zip(self.query_names, self.behaviour_names,
+                                                strict=True)], mask)
+        return self._with_match(self._assemble(embs, pooled), match)
 
     def candidate_features(self, user: Batch, candidates: Batch) -> torch.Tensor:
         """Serving: [N, F] for one user (user feats [1], history [1, L]) and N candidates.
@@ -110,11 +168,14 @@ class DinBackbone(_RankingInputs):
         embs = {k: v.expand(n, -1) for k, v in embs.items()}
         embs.update(self.embeddings.lookup(ad_rows, self.ad_names))
         embs.update(self.embeddings.lookup(scene_rows, self.scene_names))
-        hist = self._cat(self.embeddings.lookup(hist_rows, self.behaviour_names),
-                         self.behaviour_names)
+        hist_embs = self.embeddings.lookup(hist_rows, self.behaviour_names)
+        hist = self._cat(hist_embs, self.behaviour_names)
         mask = self.embeddings.sequence_mask(hist_rows)
         pooled = self.attention.pool_candidates(self._cat(embs, self.query_names), hist, mask)
-        return self._assemble(embs, pooled)
+        match = None if self.match is None else self.match.for_candidates(
+            [(embs[q], hist_embs[b][mask]) for q, b in zip(self.query_names,
+                                                           self.behaviour_names, strict=True)])
+        return self._with_match(self._assemble(embs, pooled), match)
 
 
 class SumPoolBackbone(_RankingInputs):

@@ -22,6 +22,9 @@ class JsonConfig:
     """JSON round-trip shared by every model config (tuples become lists and back)."""
 
     kind: ClassVar[str] = "config"
+    # What a key absent from an older manifest meant when that bundle was written, where it
+    # differs from today's default: an old bundle must rebuild exactly the network it stores.
+    absent_means: ClassVar[dict[str, Any]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -35,7 +38,7 @@ class JsonConfig:
         if unknown:
             raise ConfigError(f"{cls.kind}: unknown keys {sorted(unknown)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
+        return cls(**(cls.absent_means | values))
 
     def _check_hidden(self, name: str, hidden: tuple[int, ...], allow_empty: bool = False) -> None:
         if not isinstance(hidden, tuple) or (not hidden and not allow_empty):
@@ -56,14 +59,17 @@ class JsonConfig:
 class RankerConfig(JsonConfig):
     """DIN+ESMM and both baselines (`base`, `cvr_base`) share it, so they have the same sizes.
 
-    `attention_*` is ignored by `base` (sum pooling). Sparse embeddings are the default because
-    the ad_id table has ~1M rows: a dense gradient would touch every row on every step.
+    `attention_*` and `interest_match` are ignored by `base` (sum pooling). Sparse embeddings
+    are the default because the ad_id table has ~1M rows: a dense gradient would touch every
+    row on every step. `interest_match` adds `backbone.InterestMatch`'s features to the tower.
     """
 
     kind: ClassVar[str] = "ranker"
+    absent_means: ClassVar[dict[str, Any]] = {"interest_match": False}  # bundles before it
     attention_hidden: tuple[int, ...] = (32, 16)
     attention_activation: str = "dice"
     attention_softmax: bool = False
+    interest_match: bool = True
     tower_hidden: tuple[int, ...] = (128, 64)
     tower_activation: str = "dice"
     dropout: float = 0.0
