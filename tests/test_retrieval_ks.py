@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from models.bundle import publish_recommendation, read_bundle
@@ -15,7 +16,8 @@ from services.common import wire
 from services.common.config import Settings
 from services.common.store import MemoryStore
 from services.common.store_load import load_marketplace
-from services.gateway.cascade import GatewayConfig
+from services.gateway.app import create_app
+from services.gateway.cascade import DEFAULT_KS, GatewayConfig
 from services.gateway.service import Gateway
 from services.gateway.stage_loaders import build_stages
 from services.retrieval.recall import CHANNELS
@@ -90,3 +92,33 @@ async def test_the_cascade_cuts_at_the_recommended_ks_and_the_setting_wins(
     assert labels and labels <= set(CHANNELS)
     overridden = await _serve(tiny_data, recommended_bundle, {"k1": 400})
     assert {s.name: s for s in overridden.stages}["recall"].count_out == 400
+
+
+@pytest.mark.anyio
+async def test_a_reload_follows_the_new_bundles_ks_and_an_explicit_setting_still_wins(
+        tiny_data: Path, tiny_bundle: Path, recommended_bundle: Path) -> None:
+    """Through the admin route: reloading to a bundle with a recommendation moves the K's that
+    were not set explicitly; reloading back to one without moves them back to the defaults."""
+    for setting, k1_after in (({}, 300), ({"k1": 400}, 400)):
+        store = MemoryStore()
+        await load_marketplace(store, tiny_data)
+        config = GatewayConfig.for_bundle_path(setting, str(tiny_bundle))
+        gateway = Gateway(SETTINGS, config, build_stages(SETTINGS, str(tiny_bundle)),
+                          store=store)
+        await gateway.start(background=False)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                    app=create_app(gateway, start=False)), base_url="http://gw") as client:
+                reply = await client.post("/admin/reload", json={"bundle": str(recommended_bundle)})
+                assert reply.status_code == 200, reply.text
+                assert (gateway.config.k1, gateway.config.k2, gateway.config.k3) == (
+                    k1_after, 150, 40)
+                response = await gateway.serve_ads(wire.AdsRequest(
+                    request_id="ks", user_id="1", scene="home_feed", slots=2))
+                assert {s.name: s for s in response.stages}["recall"].count_out == k1_after
+                reply = await client.post("/admin/reload", json={"bundle": str(tiny_bundle)})
+                assert reply.status_code == 200, reply.text
+                assert (gateway.config.k1, gateway.config.k3) == (
+                    setting.get("k1", DEFAULT_KS["k1"]), DEFAULT_KS["k3"])
+        finally:
+            await gateway.stop()

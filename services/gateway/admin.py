@@ -241,7 +241,9 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
 
     async def reload(request: Request) -> dict[str, Any]:
         body = await decode_body(request, wire.ReloadRequest, ADMIN_BODY_LIMIT)
-        return await reload_all(gateway.stages.all(), body.bundle or None, gateway.pin_version)
+        out = await reload_all(gateway.stages.all(), body.bundle or None, gateway.pin_version)
+        await gateway.follow_bundle(body.bundle or gateway.settings.bundle)
+        return out
 
     async def export(request: Request) -> dict[str, Any]:
         from services.gateway.served_log import export_path, export_training_set

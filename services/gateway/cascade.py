@@ -118,6 +118,8 @@ class GatewayConfig:
     recall_quotas: dict[str, float] | None = None
     # the K's set explicitly (settings file); the others follow the bundle's recommendation
     ks_explicit: frozenset[str] = frozenset()
+    # the K's that came from a bundle's recommendation (`for_bundle`): a reload re-resolves them
+    ks_from_bundle: frozenset[str] = frozenset()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GatewayConfig:
@@ -136,15 +138,20 @@ class GatewayConfig:
         """The K's this gateway runs with a bundle: an explicit setting (or a K changed from
         its default in code) wins; otherwise the bundle's recommendation
         (manifest["recommended_ks"], measured by scripts/choose_ks.py); otherwise the default.
+        K's taken from an earlier bundle are re-resolved, so a reload follows the new bundle.
         """
         recommended = (manifest or {}).get("recommended_ks") or {}
-        changes: dict[str, int] = {}
+        changes: dict[str, Any] = {}
         for name in KS:
-            explicit = name in self.ks_explicit or getattr(self, name) != DEFAULT_KS[name]
+            explicit = name in self.ks_explicit or (
+                name not in self.ks_from_bundle and getattr(self, name) != DEFAULT_KS[name])
+            if explicit:
+                continue
             value = recommended.get(name)
-            if not explicit and isinstance(value, int) and value > 0:
-                changes[name] = value
-        return replace(self, **changes) if changes else self
+            changes[name] = value if isinstance(value, int) and value > 0 else DEFAULT_KS[name]
+        changes["ks_from_bundle"] = frozenset(n for n in KS if n in changes
+                                              and changes[n] != DEFAULT_KS[n])
+        return replace(self, **changes)
 
     @classmethod
     def for_bundle_path(cls, settings_gateway: dict[str, Any], bundle: str | None

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from models.bundle import read_bundle
 from models.nn.qscore import Qscore
 from services.common import wire
 from services.common.admission import Admission, AdmissionConfig
@@ -139,6 +140,19 @@ class Gateway:
 
     def pin_version(self, version: str) -> None:
         self.pinned_version = version
+
+    async def follow_bundle(self, path: str | None) -> None:
+        """After a reload: run with the K's the new bundle recommends (`GatewayConfig.
+        for_bundle`; explicit settings still win). An unreadable manifest keeps the K's."""
+        if not path:
+            return
+        try:
+            bundle = await asyncio.to_thread(read_bundle, path, verify=False)
+        except Exception:  # noqa: BLE001 - the stages already serve it; keep the K's we have
+            log.exception("reloaded bundle %s: manifest unreadable, K's kept", path)
+            return
+        self.config = self.config.for_bundle(bundle.manifest)
+        self.cascade.config = self.config
 
     def sources(self) -> ServedSources:
         return ServedSources(self.store, self.served, self.labels)
