@@ -72,6 +72,29 @@ def test_exported_towers_reproduce_training_scores(tiny_data, trained):
     np.testing.assert_allclose(live, exported, atol=1e-5)
 
 
+def test_published_rankers_are_calibrated_on_the_validation_rows(tiny_data, trained):
+    """The fitted level is folded into the towers: on the validation rows the mean pCTR is the
+    click rate and the mean pCVR over clicks the conversion rate (the intercept's likelihood
+    equation), and the manifest records each head's (a, b)."""
+    import torch
+
+    from models.train.loop import predict
+    from models.train.trainer import split_of
+
+    bundle = read_bundle(trained)
+    entry = bundle.model_entry("din_esmm")
+    assert set(entry["calibration"]) == {"ctr", "cvr"} and entry["calibration"]["ctr"][0] > 0
+    log = load_encoded_log(tiny_data, bundle.schema)
+    _, valid, _ = split_of(bundle.manifest).indices(log)
+    out = predict(load_model(bundle, "din_esmm"), lambda m, b: m.predict(b), log, valid, 8192,
+                  torch.device("cpu"))
+    assert out["pctr"].mean() / log.click[valid].mean() == pytest.approx(1.0, abs=0.01)
+    if entry["calibration"]["cvr"][1] != 0.0:  # fitted (enough validation conversions)
+        clicked = log.click[valid] > 0
+        assert out["pcvr"][clicked].mean() / log.conversion[valid][clicked].mean() == \
+            pytest.approx(1.0, abs=0.01)
+
+
 def test_eval_has_the_contract_keys(metrics):
     ctr_keys = {"ctr_auc", "ctr_gauc", "logloss", "calibration"}
     cvr_keys = {"cvr_auc", "cvr_fidelity", "cvr_calibration"}

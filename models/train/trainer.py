@@ -31,6 +31,7 @@ from models.data.dataset import EncodedLog, dataset_schema, load_encoded_log, op
 from models.features import FeatureSchema
 from models.nn import Qscore, build_model, default_config, estimate_log_q
 from models.pricing import PRIOR_CVR, qscore_ecpm
+from models.train.calibrate import fit_affine, fold_into_output, logits_of
 from models.train.loop import Batch, FitConfig, Progress, fit, predict
 from models.train.metrics import auc, gauc
 from models.train.rare_ids import RareIds, RareIdSource
@@ -65,6 +66,8 @@ class TrainOptions:
     # Rankers keep their best point by validation AUC (CTR; CVR on clicks for cvr_base)
     # rather than validation loss.
     stop_on_auc: bool = True
+    # Fit each ranker head's level (logit a*z + b) on the validation rows after training.
+    calibrate: bool = True
     # Per-model config overrides (JSON fields of the model's config), e.g. from a tuning run.
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_rows: int | None = None  # read at most this many (earliest) impressions
@@ -94,6 +97,8 @@ def encode_catalog(schema: FeatureSchema, ads: dict[str, np.ndarray]) -> dict[st
 
 
 CLICKED_ONLY = ("two_tower", "cvr_base")
+# The heads each ranker's published weights are calibrated on (models.train.calibrate).
+CALIBRATED = {"din_esmm": ("ctr", "cvr"), "base": ("ctr",), "cvr_base": ("cvr",)}
 # The two-tower's sampled softmax corrects by each ad's sampling probability, per raw ad id.
 RARE_ID_MODELS = ("dqm", "din_esmm", "base", "cvr_base", ROCKET)
 
@@ -246,6 +251,28 @@ class _Run:
         return _validation_metrics(name, model, self.log, self.valid_idx, self.device,
                                    self.options.fit.batch_size)
 
+    def calibrate(self, name: str, model: torch.nn.Module) -> dict[str, list[float]]:
+        """Fit each head's level on the validation rows and fold it into the tower
+        (`models.train.calibrate`); the fitted (a, b) per head go to the manifest."""
+        heads = CALIBRATED.get(name, ())
+        idx = self.valid_idx
+        if not heads or not self.options.calibrate or len(idx) == 0:
+            return {}
+        out = predict(model, lambda m, b: m.predict(b), self.log, idx,
+                      self.options.fit.batch_size * 4, self.device)
+        fitted: dict[str, list[float]] = {}
+        if "ctr" in heads:
+            a, b = fit_affine(logits_of(out["pctr"]), self.log.click[idx])
+            fold_into_output(model.ctr_tower, a, b)
+            fitted["ctr"] = [round(a, 6), round(b, 6)]
+        if "cvr" in heads:
+            clicked = self.log.click[idx] > 0
+            a, b = fit_affine(logits_of(out["pcvr"][clicked]),
+                              self.log.conversion[idx][clicked], scale=False)
+            fold_into_output(model.cvr_tower, a, b)
+            fitted["cvr"] = [round(a, 6), round(b, 6)]
+        return fitted
+
     def ranker_score(self, model: torch.nn.Module) -> float:
         """DIN+ESMM's validation score (CTR AUC + CTCVR AUC) on the whole validation split."""
         score = _valid_score("din_esmm", self.log, self.log, self.device)
@@ -255,7 +282,10 @@ class _Run:
 def _publish(writer: BundleWriter, name: str, model: torch.nn.Module, entry: dict[str, Any],
              catalog: dict[str, np.ndarray], ad_ids: np.ndarray, info: dict[str, Any],
              run: _Run | None = None) -> None:
-    """Save weights (+ ad vectors for the served two-tower and DQM) and the manifest entry."""
+    """Save weights (+ ad vectors for the served two-tower and DQM) and the manifest entry;
+    a ranker's heads are calibrated on the validation rows first (`_Run.calibrate`)."""
+    if run is not None and name in CALIBRATED:
+        entry = {**entry, "calibration": run.calibrate(name, model)}
     writer.save_tensors(weights_file(name), model.state_dict())
     entry = {"file": weights_file(name), "config": model.config.to_dict(), **entry}
     if "metrics" not in entry and run is not None:
@@ -294,9 +324,8 @@ def _train_rocket(run: _Run, writer: BundleWriter, ranker: torch.nn.Module | Non
              catalog, ad_ids, info)
     writer.manifest["prerank_model"] = ROCKET
     if use_shared and "din_esmm" in run.options.models:
-        _publish(writer, "din_esmm", booster, {**entry, "training": "rocket", "rocket": rocket,
-                                               "metrics": run.metrics("din_esmm", booster)},
-                 catalog, ad_ids, info)
+        _publish(writer, "din_esmm", booster, {**entry, "training": "rocket", "rocket": rocket},
+                 catalog, ad_ids, info, run)
     writer.manifest["rocket"] = rocket
     return booster if use_shared or ranker is None else ranker
 
