@@ -36,6 +36,12 @@ def run(args: list[str], env: dict[str, str] | None = None) -> None:
     subprocess.run(CASCADE + args, check=True, env=env)
 
 
+def offline_env() -> dict[str, str]:
+    """Training and evaluation are offline and may use every core (the Makefile pins serving
+    to one OpenMP thread per worker, which would leave a core idle while the models train)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -128,9 +134,9 @@ def main() -> None:
     step("2. train every model (on a sample, to keep the demo short) and evaluate")
     if not (bundles / "current" / "manifest.json").is_file():
         run(["train", "--data", str(data), "--out", str(bundles),
-             "--sample-rows", str(args.sample_rows), "--patience", "1"])
+             "--sample-rows", str(args.sample_rows), "--patience", "1"], offline_env())
         run(["eval", "--data", str(data), "--bundle", str(bundles),
-             "--out", str(args.dir / "eval.json")])
+             "--out", str(args.dir / "eval.json")], offline_env())
     else:
         console.print(f"{bundles}/current exists; keeping it")
 
