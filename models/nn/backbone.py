@@ -95,11 +95,10 @@ class InterestMatch(nn.Module):
 
     def _pool(self, field: int, sims: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         logits = sims * self.log_sharpness[field].exp()
-        if mask is not None:
+        if mask is not None:  # pads: no weight, and no NaN from a pad's zero row
             logits = logits.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        return (weights * sims.masked_fill(~mask, 0.0) if mask is not None
-                else weights * sims).sum(-1)
+            sims = sims.masked_fill(~mask, 0.0)
+        return (torch.softmax(logits, dim=-1).nan_to_num(0.0) * sims).sum(-1)
 
     def forward(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
                 mask: torch.Tensor) -> torch.Tensor:

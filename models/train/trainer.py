@@ -260,17 +260,16 @@ class _Run:
             return {}
         out = predict(model, lambda m, b: m.predict(b), self.log, idx,
                       self.options.fit.batch_size * 4, self.device)
+        clicked = self.log.click[idx] > 0
+        # head -> (its rows among idx, their labels, fit the scale too?)
+        rows = {"ctr": (slice(None), self.log.click[idx], True),
+                "cvr": (clicked, self.log.conversion[idx][clicked], False)}
         fitted: dict[str, list[float]] = {}
-        if "ctr" in heads:
-            a, b = fit_affine(logits_of(out["pctr"]), self.log.click[idx])
-            fold_into_output(model.ctr_tower, a, b)
-            fitted["ctr"] = [round(a, 6), round(b, 6)]
-        if "cvr" in heads:
-            clicked = self.log.click[idx] > 0
-            a, b = fit_affine(logits_of(out["pcvr"][clicked]),
-                              self.log.conversion[idx][clicked], scale=False)
-            fold_into_output(model.cvr_tower, a, b)
-            fitted["cvr"] = [round(a, 6), round(b, 6)]
+        for head in heads:
+            where, labels, scale = rows[head]
+            a, b = fit_affine(logits_of(out["p" + head][where]), labels, scale=scale)
+            fold_into_output(getattr(model, f"{head}_tower"), a, b)
+            fitted[head] = [round(a, 6), round(b, 6)]
         return fitted
 
     def ranker_score(self, model: torch.nn.Module) -> float:

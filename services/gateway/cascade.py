@@ -158,9 +158,11 @@ class GatewayConfig:
                         ) -> GatewayConfig:
         """`from_dict` of the settings' gateway section, then the bundle's K's (if any)."""
         config = cls.from_dict(settings_gateway)
-        if not bundle:
-            return config
-        return config.for_bundle(read_bundle(bundle, verify=False).manifest)
+        return config.for_bundle_at(bundle) if bundle else config
+
+    def for_bundle_at(self, bundle: str) -> GatewayConfig:
+        """`for_bundle` with the manifest of the bundle at `bundle` (a version dir or root)."""
+        return self.for_bundle(read_bundle(bundle, verify=False).manifest)
 
 
 KS = ("k1", "k2", "k3")

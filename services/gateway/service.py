@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from models.bundle import read_bundle
 from models.nn.qscore import Qscore
 from services.common import wire
 from services.common.admission import Admission, AdmissionConfig
@@ -147,11 +146,10 @@ class Gateway:
         if not path:
             return
         try:
-            bundle = await asyncio.to_thread(read_bundle, path, verify=False)
+            self.config = await asyncio.to_thread(self.config.for_bundle_at, path)
         except Exception:  # noqa: BLE001 - the stages already serve it; keep the K's we have
             log.exception("reloaded bundle %s: manifest unreadable, K's kept", path)
             return
-        self.config = self.config.for_bundle(bundle.manifest)
         self.cascade.config = self.config
 
     def sources(self) -> ServedSources:
