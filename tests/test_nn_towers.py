@@ -86,8 +86,11 @@ def test_estimate_log_q_is_the_log_frequency_of_positives():
 
 
 def _dqm(ad_bias: bool = True) -> Dqm:
+    """The inner-product part alone; the interest-match term is tested in test_nn_dqm.py and
+    test_prerank.py."""
     torch.manual_seed(0)
-    model = Dqm(tiny_schema(), DqmConfig(hidden=(16,), out_dim=8, ad_bias=ad_bias))
+    model = Dqm(tiny_schema(), DqmConfig(hidden=(16,), out_dim=8, ad_bias=ad_bias,
+                                         interest_match=False))
     if ad_bias:
         with torch.no_grad():
             model.global_bias.fill_(-2.0)

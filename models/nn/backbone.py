@@ -22,8 +22,13 @@ from models.nn.config import RankerConfig
 from models.nn.layers import Batch, EmbeddingCollection, masked_sum
 
 
-def _query_names(schema: FeatureSchema) -> list[str]:
-    """The ad features the behaviour fields share tables with (the attention query)."""
+def query_names(schema: FeatureSchema) -> list[str]:
+    """The ad features the behaviour fields share tables with, in behaviour order.
+
+    DIN's attention query and the interest match (here and in the DQM pre-ranker) pair each
+    behaviour field with the candidate feature whose table it reads, so both sides are rows
+    of the same table and their dot products and cosines mean something.
+    """
     behaviour = schema.group("behaviour")
     if not behaviour:
         raise ValueError(f"schema '{schema.name}' has no behaviour features to attend over")
@@ -86,7 +91,8 @@ class InterestMatch(nn.Module):
     a single relevant behaviour inside a long unrelated history is then easily washed out. The
     match itself, as a feature, is what interest-based click models turn on (SIM and ETA feed
     such relevance scores to the tower too). Cosine keeps it in [-1, 1] from the first step. An
-    empty history gives 0: no evidence either way.
+    empty history gives 0: no evidence either way. The DQM pre-ranker adds the same numbers,
+    weighted, to its inner-product logit (`models.nn.dqm`), so both stages see the match.
     """
 
     def __init__(self, fields: int, sharpness: float = 5.0) -> None:
@@ -124,7 +130,7 @@ class DinBackbone(_RankingInputs):
 
     def __init__(self, schema: FeatureSchema, config: RankerConfig) -> None:
         super().__init__(schema, config)
-        self.query_names = _query_names(schema)
+        self.query_names = query_names(schema)
         self.attention = ActivationUnit(
             self.behaviour_dim,
             config.attention_hidden,

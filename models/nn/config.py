@@ -116,12 +116,19 @@ class TwoTowerConfig(JsonConfig):
 
 @dataclass(frozen=True)
 class DqmConfig(JsonConfig):
-    """DQM pre-ranker: `out_dim` is the inner-product space; `ad_bias` adds one dimension."""
+    """DQM pre-ranker: `out_dim` is the inner-product space; `ad_bias` adds one dimension.
+
+    `interest_match` adds the ranker's interest-match features (`backbone.InterestMatch`), each
+    times a learnt weight, to the inner-product logit: the pre-ranker then sees the same
+    candidate-vs-history evidence the ranker's tower reads, and keeps more of what it picks.
+    """
 
     kind: ClassVar[str] = "dqm"
+    absent_means: ClassVar[dict[str, Any]] = {"interest_match": False}  # bundles before it
     hidden: tuple[int, ...] = (64,)
     out_dim: int = 16
     ad_bias: bool = True
+    interest_match: bool = True
     sparse_embeddings: bool = True
     init_std: float = 0.01
 
