@@ -7,6 +7,7 @@ catalog, Qscore, pacing, auction, tokens) is real.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -161,4 +162,43 @@ async def test_unknown_user_takes_the_cold_start_path(
     assert _stage(response, "features").count_out == 0
     assert not response.degraded
     await _assert_priced(gateway, response)
+    await gateway.stop()
+
+
+@pytest.mark.anyio
+async def test_the_fallback_pool_is_made_at_start_and_never_per_request(
+        tiny_data: Path, tiny_bundle: Path, stage_states: dict[str, Any]) -> None:
+    """Retrieval failing for many requests at once: the scene's pool was computed at start,
+    and a stale one (the catalog changed) is served at once while ONE refresh runs."""
+    gateway = await _gateway(tiny_data, tiny_bundle, stage_states,
+                             retrieval=FailingStage("retrieval"))
+    cascade = gateway.cascade
+    computed: list[str] = []
+    release = threading.Event()
+    compute = cascade._compute_fallback
+
+    def held_compute(scene: str) -> Any:  # a scan that lasts until the test lets it end
+        computed.append(scene)
+        release.wait(10)
+        return compute(scene)
+
+    cascade._compute_fallback = held_compute  # type: ignore[method-assign]
+    responses = await asyncio.gather(*(gateway.serve_ads(_request(request_id=f"r{i}"))
+                                       for i in range(20)))
+    assert computed == []  # made by the warm-up, fresh
+    assert all(_stage(r, "screen").count_out > 0 for r in responses)
+
+    gateway.catalog.version += 1  # an admin write: every pool is stale now
+    responses = await asyncio.gather(*(gateway.serve_ads(_request(request_id=f"s{i}"))
+                                       for i in range(20)))
+    # all answered from the stale pool while the one refresh is still held
+    assert computed == ["home_feed"] and not release.is_set()
+    assert all(_stage(r, "screen").count_out > 0 for r in responses)
+    release.set()
+    for _ in range(100):
+        if not cascade._fallback_refresh:
+            break
+        await asyncio.sleep(0.05)
+    await gateway.serve_ads(_request(request_id="t"))
+    assert computed == ["home_feed"]  # the refreshed pool is fresh again
     await gateway.stop()

@@ -199,8 +199,10 @@ class Gateway:
         calls of each stage pay for thread pools, torch kernels, per-scene caches and the
         first touch of the index's pages after a fork, which would otherwise stall the first
         real requests. Half the rounds carry a behaviour history taken from the catalog (the
-        faiss and attention paths), half none (the cold-start path). No side effects: no
-        tokens are handed out, nothing is logged, no pacing hold is taken."""
+        faiss and attention paths), half none (the cold-start path). Every scene's fallback
+        pool (retrieval's stand-in) is computed first, so no request waits for one. No side
+        effects: no tokens are handed out, nothing is logged, no pacing hold is taken."""
+        await self.cascade.prepare_fallbacks()
         view = self.catalog.view
         scenes = list(self.config.scenes)
         for i in range(rounds):
