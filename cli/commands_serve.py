@@ -3,7 +3,8 @@
 `all` is the embedded default: every stage in the gateway's process (stage URLs ignored). With
 the in-process store (no REDIS_URL), `--data` (default CASCADE_DATA) fills it from a marketplace
 at start-up. Thread settings (OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS) are exported BEFORE
-torch or faiss is imported, because both read them once at import.
+torch or faiss is imported, because both read them once at import; malloc is tuned for
+per-request activation tensors (services.common.malloc) at the same point.
 
 `--workers N` loads the bundle (and the gateway's catalog) once, then forks N processes that
 share those pages (services.common.prefork); for the gateway that needs REDIS_URL, since
@@ -34,6 +35,9 @@ def _thread_env(threads: int) -> None:
     # interval each of a stage's many short numpy/torch calls can wait 5 ms to get the GIL
     # back (a convoy that turned a 2 ms recall into 100+ ms under load). 0.5 ms bounds it.
     sys.setswitchinterval(GIL_SWITCH_S)
+    from services.common.malloc import tune_malloc
+
+    tune_malloc()  # large freed blocks are reused, not unmapped per request (see the module)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     os.environ.setdefault("MKL_NUM_THREADS", str(max(1, threads)))

@@ -156,11 +156,10 @@ def _serving_queries(model: torch.nn.Module, schema: FeatureSchema, ad_ids: np.n
                      seed: int, n: int = 256) -> np.ndarray:
     """User vectors of `n` bench-style requests, from a seed the bench's requests never use."""
     from services.bench.stages import make_inputs
-    from services.common import wire
     from services.common.features import FeatureEncoder
-    from services.gateway.stage_loaders import TwoTower
+    from services.retrieval.user_encoder import TwoTowerUserEncoder
 
-    tower = TwoTower(model, FeatureEncoder(schema))
+    tower = TwoTowerUserEncoder(model, FeatureEncoder(schema))  # the served user tower
     inputs = make_inputs(np.asarray(ad_ids, np.int64), n, schema.sequence_len, seed=seed + 101)
-    return np.stack([tower.user_vector(wire.RecallRequest(scene="home_feed", user=u, hist=h))
+    return np.stack([tower.encode(u, h)
                      for u, h in zip(inputs.users, inputs.hists, strict=True)])

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from models.bundle import read_bundle  # noqa: E402
 from services.common import wire  # noqa: E402
 from services.common.features import to_tensors  # noqa: E402
+from services.common.malloc import tune_malloc  # noqa: E402
 from services.prerank.state import load_prerank_state  # noqa: E402
 from services.rank.ranker import Ranker, RankQuery, expanded_batch  # noqa: E402
 from services.retrieval.index import normalize  # noqa: E402
@@ -161,9 +162,11 @@ def bench_rank(path: str, inputs: BenchInputs, candidates: int = RANK_CANDIDATES
 
 def run_stages(path: str, *, requests: int,
                say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure the three stages on one CPU thread; returns the contract's JSON."""
+    """Measure the three stages on one CPU thread, malloc set as serving sets it; returns the
+    contract's JSON (its "malloc_tuned" says whether the setting applied)."""
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
+    malloc_tuned = tune_malloc()
     bundle = read_bundle(path)
     ad_ids = bundle.arrays(VECTORS_FILE)["ad_ids"]
     inputs = make_inputs(ad_ids, requests, bundle.schema.sequence_len)
@@ -175,4 +178,4 @@ def run_stages(path: str, *, requests: int,
     rank = bench_rank(path, inputs)
     return {"retrieval": retrieval, "prerank": prerank, "rank": rank,
             "bundle": bundle.version, "threads": 1, "torch": torch.__version__,
-            "faiss": faiss.__version__, "cpu": os.cpu_count()}
+            "faiss": faiss.__version__, "cpu": os.cpu_count(), "malloc_tuned": malloc_tuned}
