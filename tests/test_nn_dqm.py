@@ -14,8 +14,8 @@ import torch
 
 from models.nn.config import DqmConfig
 from models.nn.dqm import Dqm
-from models.nn.layers import build_optimizers
 from models.nn.registry import build_model, config_from_dict
+from tests.test_nn_learning import _auc, _train
 from tests.test_nn_support import category_of, random_batch, tiny_schema
 
 SCHEMA = tiny_schema()
@@ -71,29 +71,11 @@ def _seen_category_task(size: int, seed: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _auc(score: torch.Tensor, label: torch.Tensor) -> float:
-    order = torch.argsort(score)
-    ranks = torch.empty_like(score).index_copy_(0, order, torch.arange(1, len(score) + 1.0))
-    pos = label > 0.5
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def _trained(config: DqmConfig, steps: int = 150) -> Dqm:
     torch.manual_seed(0)
     model = Dqm(SCHEMA, config)
     model.init_base_rates(0.5, 0.1)
-    optimizers = build_optimizers(model, lr=1e-2)
-    model.train()
-    for step in range(steps):
-        batch = _seen_category_task(128, seed=step)
-        loss = model.training_loss(batch) + model.mba_l2(batch, 1e-5)
-        for opt in optimizers:
-            opt.zero_grad()
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-    return model.eval()
+    return _train(model, steps, batches=_seen_category_task)
 
 
 def test_dqm_with_the_match_learns_a_click_the_inner_product_cannot_see():

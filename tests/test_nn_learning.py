@@ -7,6 +7,8 @@ trainer should train (sparse tables on SparseAdam, dense weights on Adam, MBA L2
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from models.nn.baselines import BaseModel
@@ -43,11 +45,14 @@ def _auc(score: torch.Tensor, label: torch.Tensor) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _train(model: torch.nn.Module, steps: int = 300) -> torch.nn.Module:
+def _train(model: torch.nn.Module, steps: int = 300,
+           batches: Callable[..., dict[str, torch.Tensor]] | None = None) -> torch.nn.Module:
+    """`steps` Adam/Adagrad steps on `batches(128, seed=step)` (default: this file's task)."""
+    batches = batches or _synthetic
     optimizers = build_optimizers(model, lr=1e-2)
     model.train()
     for step in range(steps):
-        batch = _synthetic(128, seed=step)
+        batch = batches(128, seed=step)
         loss = model.training_loss(batch) + model.mba_l2(batch, 1e-5)
         for opt in optimizers:
             opt.zero_grad()
