@@ -23,8 +23,10 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
+from models.bundle import CATALOG_FILE, Bundle
 from models.features.schema import FeatureSchema
 
 DEFAULT_CONTEXT = {"position": 0}
@@ -160,3 +162,17 @@ def to_tensors(arrays: Mapping[str, np.ndarray],
     if device is not None and torch.device(device).type != "cpu":
         out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
     return out
+
+
+def catalog_ad_features(bundle: Bundle, encoder: FeatureEncoder
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(ad ids, encoded ad features) of the bundle's catalog, in its row order: the table the
+    pre-rank and rank stages hold at load. An ad feature the catalog lacks is all padding."""
+    present = set(pq.read_schema(bundle.file(CATALOG_FILE)).names)
+    if "ad_id" not in present:
+        raise ValueError(f"{CATALOG_FILE} lacks column 'ad_id'")
+    columns = ["ad_id", *(n for n in encoder.ad_names if n in present and n != "ad_id")]
+    table = pq.read_table(bundle.file(CATALOG_FILE), columns=columns)
+    raw = {n: table.column(n).to_numpy(zero_copy_only=False) for n in columns}
+    ad_ids = raw["ad_id"].astype(np.int64)
+    return ad_ids, encoder.ads(raw, ad_ids.size)

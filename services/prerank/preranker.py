@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from models.bundle import CATALOG_FILE, Bundle, ad_vectors_file, load_model
 from models.nn.dqm import Dqm
 from services.common.ad_table import AdTable, Snapshot
-from services.common.features import FeatureEncoder, to_tensors
+from services.common.features import FeatureEncoder, catalog_ad_features, to_tensors
 from services.common.id_index import IdIndex
 from services.common.towers import NumpyEmbeddings, NumpyMLP, user_tower_input
 
@@ -211,8 +210,7 @@ class PreRanker:
         encoder = FeatureEncoder(bundle.schema)
         features = None
         if model.match is not None:
-            features = _catalog_features(bundle, encoder, [q for q, _ in model.match_fields],
-                                         arrays["ad_ids"])
+            features = _catalog_features(bundle, encoder, arrays["ad_ids"])
         return cls(model, encoder, arrays["ad_ids"], arrays["vectors"], bundle.version,
                    ad_features=features)
 
@@ -267,7 +265,7 @@ class PreRanker:
 
     def logits(self, query: PrerankQuery) -> tuple[np.ndarray, np.ndarray]:
         """(known ids, their DQM logits) in request order, before any cut: what `prerank`
-        ranks, for funnel analysis and tests (unknown ids are dropped, not counted)."""
+        ranks, for tests and offline analysis (unknown ids are dropped, not counted)."""
         snapshot = self.ads.snapshot()
         ids = np.asarray(query.ad_ids, dtype=np.int64)
         rows, known = self.ads.rows(ids, snapshot)
@@ -306,22 +304,13 @@ class PreRanker:
         return self.ads.upsert(int(ad_id), values)
 
 
-def _catalog_features(bundle: Bundle, encoder: FeatureEncoder, names: list[str],
+def _catalog_features(bundle: Bundle, encoder: FeatureEncoder,
                       ad_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The bundle catalog's encoded `names` in the order of `ad_ids` (the ad-vector rows).
-
-    A column the catalog lacks encodes to padding (its match is 0), as the ranker treats it.
-    """
-    ad_ids = np.asarray(ad_ids, dtype=np.int64)
-    present = set(pq.read_schema(bundle.file(CATALOG_FILE)).names)
-    wanted = [n for n in names if n in present and n != "ad_id"]
-    if not wanted:
-        return encoder.ads({"ad_id": ad_ids}, ad_ids.size)
-    table = pq.read_table(bundle.file(CATALOG_FILE), columns=["ad_id", *wanted])
-    raw = {n: table.column(n).to_numpy(zero_copy_only=False) for n in ["ad_id", *wanted]}
-    rows = IdIndex(raw["ad_id"].astype(np.int64)).rows(ad_ids)
+    """The bundle catalog's encoded ad features in the order of `ad_ids` (the ad-vector rows);
+    a column the catalog lacks is padding (its match is 0), as the ranker treats it."""
+    catalog_ids, features = catalog_ad_features(bundle, encoder)
+    rows = IdIndex(catalog_ids).rows(np.asarray(ad_ids, dtype=np.int64))
     if (rows < 0).any():
         raise ValueError(f"{int((rows < 0).sum())} ads with DQM vectors are not in "
                          f"{CATALOG_FILE}")
-    raw = {n: v[rows] for n, v in raw.items() if n != "ad_id"}
-    return encoder.ads({**raw, "ad_id": ad_ids}, ad_ids.size)
+    return {name: values[rows] for name, values in features.items()}

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from models.bundle import CATALOG_FILE, Bundle, load_model
+from models.bundle import Bundle, load_model
 from models.nn.din_esmm import DinEsmm
 from services.common.ad_table import AdTable
-from services.common.features import FeatureEncoder, to_tensors
+from services.common.features import FeatureEncoder, catalog_ad_features, to_tensors
 
 MODEL = "din_esmm"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -94,17 +93,11 @@ class Ranker:
                     amp: str = "bf16") -> Ranker:
         torch.set_num_threads(max(1, int(threads)))
         encoder = FeatureEncoder(bundle.schema)
-        names = pq.read_schema(bundle.file(CATALOG_FILE)).names
-        columns = [n for n in encoder.ad_names if n in names]
-        if "ad_id" not in columns:
-            raise ValueError(f"{CATALOG_FILE} lacks column 'ad_id'")
-        table = pq.read_table(bundle.file(CATALOG_FILE), columns=columns)
-        raw = {n: table.column(n).to_numpy(zero_copy_only=False) for n in columns}
-        ad_ids = raw["ad_id"].astype(np.int64)
+        ad_ids, features = catalog_ad_features(bundle, encoder)
         with torch.inference_mode():
             model = load_model(bundle, MODEL)
-        return cls(model, encoder, ad_ids, encoder.ads(raw, ad_ids.size),
-                   version=bundle.version, device=device, amp=amp)
+        return cls(model, encoder, ad_ids, features, version=bundle.version, device=device,
+                   amp=amp)
 
     # ---- encoding -------------------------------------------------------------------------
 
