@@ -37,11 +37,10 @@ MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for the dynamic threshold on 64
 TRIM_THRESHOLD = 64 << 20
 
 
-def tune_malloc(env: dict[str, str] | None = None) -> bool:
+def tune_malloc() -> bool:
     """Apply the settings above to this process (children forked later inherit them).
     True when applied; False when switched off or not glibc."""
-    env = os.environ if env is None else env
-    if env.get("CASCADE_MALLOC_TUNE", "1") == "0":
+    if os.environ.get("CASCADE_MALLOC_TUNE", "1") == "0":
         return False
     name = ctypes.util.find_library("c")
     if not name:
