@@ -2,9 +2,11 @@
 
 `all` is the embedded default: every stage in the gateway's process (stage URLs ignored). With
 the in-process store (no REDIS_URL), `--data` (default CASCADE_DATA) fills it from a marketplace
-at start-up. Thread settings (OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS) are exported BEFORE
-torch or faiss is imported, because both read them once at import; malloc is tuned for
-per-request activation tensors (services.common.malloc) at the same point.
+at start-up. Thread settings (OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS) are exported before
+torch or faiss is imported, and every BLAS / OpenMP pool already loaded (numpy's OpenBLAS: the
+CLI imports numpy first) is held to the same count at run time, again once the app is built
+(services.common.threads); malloc is tuned for per-request activation tensors
+(services.common.malloc) at the same point.
 
 `--workers N` loads the bundle (and the gateway's catalog) once, then forks N processes that
 share those pages (services.common.prefork); for the gateway that needs REDIS_URL, since
@@ -39,8 +41,9 @@ def _thread_env(threads: int) -> None:
 
     tune_malloc()  # large freed blocks are reused, not unmapped per request (see the module)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
-    os.environ.setdefault("MKL_NUM_THREADS", str(max(1, threads)))
+    from services.common.threads import limit_native_threads
+
+    limit_native_threads(threads)  # numpy's OpenBLAS is loaded already (see the module)
 
 
 def _resolve_bundle(bundle: str | None) -> str | None:
@@ -139,6 +142,9 @@ def serve(
 
     options = uvicorn_options(host, port)
     asgi = build_app(role, bundle_path, data or None)
+    from services.common.threads import limit_native_threads
+
+    limit_native_threads(threads)  # and the pools the bundle's libraries brought
     if workers > 1:
         gateway = getattr(asgi.state, "gateway", None)
         if gateway is not None:

@@ -32,6 +32,7 @@ from models.bundle import read_bundle  # noqa: E402
 from services.common import wire  # noqa: E402
 from services.common.features import to_tensors  # noqa: E402
 from services.common.malloc import tune_malloc  # noqa: E402
+from services.common.threads import limit_native_threads  # noqa: E402
 from services.prerank.state import load_prerank_state  # noqa: E402
 from services.rank.ranker import Ranker, RankQuery, expanded_batch  # noqa: E402
 from services.retrieval.index import normalize  # noqa: E402
@@ -169,10 +170,12 @@ def bench_rank(path: str, inputs: BenchInputs, candidates: int = RANK_CANDIDATES
 
 def run_stages(path: str, *, requests: int,
                say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure the three stages on one CPU thread, malloc set as serving sets it; returns the
-    contract's JSON (its "malloc_tuned" says whether the setting applied)."""
+    """Measure the three stages on one CPU thread (torch, faiss and every BLAS / OpenMP pool),
+    malloc set as serving sets it; returns the contract's JSON (its "malloc_tuned" says
+    whether the setting applied, "native_pools" the thread count of each pool)."""
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
+    pools = limit_native_threads(1)  # numpy's BLAS too: the pre-ranker is numpy
     malloc_tuned = tune_malloc()
     bundle = read_bundle(path)
     ad_ids = bundle.arrays(VECTORS_FILE)["ad_ids"]
@@ -185,4 +188,5 @@ def run_stages(path: str, *, requests: int,
     rank = bench_rank(path, inputs)
     return {"retrieval": retrieval, "prerank": prerank, "rank": rank,
             "bundle": bundle.version, "threads": 1, "torch": torch.__version__,
-            "faiss": faiss.__version__, "cpu": os.cpu_count(), "malloc_tuned": malloc_tuned}
+            "faiss": faiss.__version__, "cpu": os.cpu_count(), "malloc_tuned": malloc_tuned,
+            "native_pools": pools}
