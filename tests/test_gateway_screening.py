@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from models.nn.qscore import Qscore
 from services.common.store import Ad, Campaign, MemoryStore
-from services.gateway.catalog import Catalog
+from services.gateway.catalog import AD_RECORD, Catalog, take_records
 from services.gateway.screening import QscoreTable, ScreenPolicy, screen
 
 SCENES = ("home_feed", "search", "product_detail")
@@ -160,3 +160,17 @@ def test_vectorised_screening_equals_the_reference(data) -> None:
                                                    paced_out, 3, qctr, k, 0.05)
     if len(out.ad_ids) < k:  # nothing was cut by K: every distinct candidate is accounted for
         assert sum(out.dropped.values()) + len(out.ad_ids) == len(set(candidates))
+
+
+def test_record_take_equals_numpys_structured_index_for_rows_and_masks() -> None:
+    rng = np.random.default_rng(3)
+    records = np.zeros(1000, AD_RECORD)
+    for name in AD_RECORD.names:
+        records[name] = rng.integers(0, 2, 1000) if records[name].dtype == bool \
+            else rng.integers(-5, 10**6, 1000).astype(records[name].dtype)
+    rows = rng.integers(0, 1000, 300)  # repeats and any order
+    mask = rng.random(1000) < 0.4
+    for index in (rows, mask, rows[:0]):
+        taken = take_records(records, index)
+        assert taken.dtype == AD_RECORD
+        assert taken.tobytes() == records[index].tobytes()

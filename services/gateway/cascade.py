@@ -493,7 +493,7 @@ class Cascade:
         view = self.catalog.view
         rows = view.ad_index.rows(st.ids)
         known = rows >= 0
-        rec = view.ads.records[rows[known]]
+        rec = view.ads.take(rows[known])
         bids = Bids(rec["ad_id"], rec["campaign_id"], rec["ocpa"], rec["bid_micros"],
                     rec["target_cpa_micros"], np.asarray(st.pctr, np.float64)[known],
                     np.asarray(st.pcvr, np.float64)[known])

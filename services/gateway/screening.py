@@ -32,7 +32,7 @@ from models.nn.qscore import Qscore
 from models.pricing import PRIOR_CVR, click_value, ecpm
 from services.common.id_index import IdIndex, unique_values
 from services.common.store import OnlineStore
-from services.gateway.catalog import Catalog, CatalogView
+from services.gateway.catalog import Catalog, CatalogView, take_records
 from services.gateway.pacing import CHANGE_SKEW_S, Pacer
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ class Screened:
 def catalog_click_value(view: CatalogView, rows: np.ndarray, pcvr: np.ndarray | float
                         ) -> np.ndarray:
     """`models.pricing.click_value` for catalog rows."""
-    return record_click_value(view.ads.records[rows], pcvr)
+    a = view.ads  # three column gathers: cheaper than whole records for large row sets
+    return click_value(a.ocpa[rows], a.bid_micros[rows], a.target_cpa_micros[rows], pcvr)
 
 
 def record_click_value(rec: np.ndarray, pcvr: np.ndarray | float) -> np.ndarray:
@@ -177,7 +178,7 @@ def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catal
         dropped["unknown"] = int(unique_values(candidates[found < 0]).size)
         found = found[found >= 0]
     rows = unique_values(found)  # also drops duplicates
-    rec = view.ads.records[rows]  # one gather of packed records (one cache miss per ad)
+    rec = view.ads.take(rows)  # one gather of packed records (one cache miss per ad)
     campaign_rows = rec["campaign_row"]
     checks = [("ad_paused", rec["active"]),
               ("scene", (rec["scene_bits"] & catalog.scene_bit(scene)) != 0),
@@ -197,7 +198,7 @@ def screen(candidates: np.ndarray, *, scene: str, caps: Mapping[int, int], catal
             ok = ~np.isin(rec["campaign_id"], np.asarray(capped, np.int64))
             dropped["freq_cap"] = int(np.count_nonzero(keep & ~ok))
             keep &= ok
-    rows, rec = rows[keep], rec[keep]
+    rows, rec = rows[keep], take_records(rec, keep)
     qctr = rec["qctr"]
     value = record_click_value(rec, policy.prior_cvr)
     estimate = ecpm(qctr, value)
