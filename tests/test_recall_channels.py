@@ -130,3 +130,42 @@ def test_channel_labels_cross_the_wire_in_json_and_protobuf(world) -> None:
     old_style = wire.RecallResponse(ad_ids=result.ad_ids, scores=result.scores,
                                     channel="cold_start")
     assert old_style.candidate_channels() == ["cold_start"] * 100
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_category_channel_is_the_top_eligible_ads_of_the_users_categories(seed: int) -> None:
+    """Against a plain reference: per category its best 2n ads by eCPM among those active
+    and targeting the scene (the cached lists), less the request's exclusions, best n by
+    (eCPM, lower id). Scores tie often (few distinct values), and the exclusions fall among
+    the best ads, where the cut is made, sometimes leaving fewer than n."""
+    rng = np.random.default_rng(seed)
+    n_ads = 2000
+    ad_ids = rng.permutation(np.arange(10, 10 + n_ads, dtype=np.int64))
+    scenes = [[SCENE] if rng.random() < 0.9 else ["search"] for _ in range(n_ads)]
+    status = ["active" if rng.random() < 0.95 else "paused" for _ in range(n_ads)]
+    value = rng.integers(1, 12, n_ads).astype(np.float32)  # ties
+    category = rng.integers(1, 9, n_ads)
+    vectors = rng.normal(size=(n_ads, DIM)).astype(np.float32)
+    index, _ = build_index(vectors, ad_ids)
+    recall = Recall(index, AdCatalog.build(ad_ids, scenes, status, value))
+    recall.set_categories(ad_ids, category)
+    k = int(rng.integers(20, 400))
+    quotas = ChannelQuotas(category=1.0, high_value=0.0, new=0.0)
+    user_cats = rng.choice(np.arange(1, 9), size=int(rng.integers(1, 5)), replace=False)
+    share = rng.choice([0.0, 0.3, 0.9])
+    best = np.argsort(-value)[:n_ads // 2]
+    excluded = ad_ids[best[rng.random(best.size) < share]]
+    n = int(k * quotas.category)
+    listed = np.array([SCENE in s for s in scenes]) & (np.asarray(status) == "active")
+    expected_rows = []
+    for cat in user_cats:
+        rows = np.flatnonzero(listed & (category == cat))
+        rows = rows[np.lexsort((ad_ids[rows], -value[rows]))][:2 * n]
+        expected_rows += rows[~np.isin(ad_ids[rows], excluded)].tolist()
+    rows = np.asarray(expected_rows, dtype=np.int64)
+    expected = ad_ids[rows[np.lexsort((ad_ids[rows], -value[rows]))][:n]]
+    result = recall.recall(RecallQuery(scene=SCENE, user_vector=vectors[0], k=k,
+                                       categories=user_cats, quotas=quotas,
+                                       exclude_ad_ids=excluded))
+    got = result.ad_ids[_names(result) == CHANNEL_CATEGORY]
+    assert np.array_equal(got, expected)
