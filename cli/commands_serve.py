@@ -128,6 +128,10 @@ def serve(
     if role not in ROLES:
         raise CliError(f"unknown service '{role}' (choose from {', '.join(ROLES)})")
     threads = int(os.environ.get("CASCADE_TORCH_THREADS", "1") or 1)
+    from services.common.prefork import PIN_ENV, PIN_MODES, pin_mode
+
+    if pin_mode() not in PIN_MODES:
+        raise CliError(f"{PIN_ENV} must be one of {', '.join(PIN_MODES)}")
     _thread_env(threads)
     bundle_path = _resolve_bundle(bundle or os.environ.get("CASCADE_BUNDLE"))
     if workers == 0:  # one per core where the workers can share a store, else one

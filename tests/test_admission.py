@@ -131,3 +131,15 @@ def test_a_request_queued_upstream_past_max_wait_is_shed_over_http(gated_server)
     assert "overloaded" in stale.json()["detail"]
     assert fresh.status_code == 200 and plain.status_code == 200
     assert gate.shed == 1 and gate.admitted == 2 and gate.in_flight == 0
+
+
+def test_workers_are_pinned_one_per_core_only_when_they_fill_the_cores_exactly() -> None:
+    from services.common.prefork import worker_cpus
+
+    assert worker_cpus(2, [3, 1]) == [1, 3]
+    assert worker_cpus(2, [0, 1, 2, 3]) == [None, None]  # a container seeing the node's cores
+    assert worker_cpus(1, [5]) == [5]  # `taskset -c 5 cascade serve all --workers 1`
+    assert worker_cpus(3, [0, 1], "1") == [0, 1, 0]
+    assert worker_cpus(2, [0, 1], "0") == [None, None]
+    with pytest.raises(ValueError, match="CASCADE_PIN_WORKERS"):
+        worker_cpus(2, [0, 1], "yes")

@@ -29,6 +29,7 @@ import httpx
 import pytest
 import redis
 
+from loadtest.procstat import descendants
 from services.common.store import utc_day
 from services.common.store_load import load_marketplace
 from services.common.store_redis import RedisStore
@@ -186,13 +187,24 @@ def http_stack(tiny_bundle: Path, tiny_data: Path, redis_url: str, redis_prefix:
         procs.append(gateway)
         _wait_ready([gateway])
         yield {"url": gateway[1], "stages": {k: p for k, (p, _) in stages.items()},
-               "prefix": redis_prefix}
+               "prefix": redis_prefix, "gateway": gateway[0]}
     finally:
         _stop(procs)
 
 
+def _allowed_cpus(pid: int) -> set[int]:
+    return set(os.sched_getaffinity(pid))
+
+
 def test_gateway_over_http_stages_and_redis(http_stack: dict[str, Any], redis_url: str) -> None:
     url, prefix = http_stack["url"], http_stack["prefix"]
+    # with REDIS_URL the gateway forks one worker per core, each pinned to its own core
+    workers = descendants([http_stack["gateway"].pid]) - {http_stack["gateway"].pid}
+    cores = _allowed_cpus(http_stack["gateway"].pid)
+    assert len(workers) == os.cpu_count()
+    if len(workers) == len(cores):
+        pinned = [_allowed_cpus(pid) for pid in workers]
+        assert all(len(p) == 1 for p in pinned) and set().union(*pinned) == cores
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     first = ads(url, "5", "h1", debug=True)
     assert not degraded(first), first["stages"]

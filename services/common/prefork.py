@@ -14,6 +14,19 @@ collections in the workers neither walk them (a stall of ~1 s at 1M ads) nor wri
 pages. The parent supervises: a worker that dies is replaced, SIGTERM/SIGINT stop them all. No
 threads, event loops or connections exist in the parent before the fork (preloading opens its
 own store client and closes it), which is what makes forking safe.
+
+Each worker is pinned to a core of its own when there is exactly one core per worker
+(`worker_cpus`; `CASCADE_PIN_WORKERS`: `auto` by default, `1` always, round robin, `0`
+never). Why: a request hops between a worker's event loop and its stage threads several times
+(recall, pre-rank, rank), and a thread the scheduler wakes on the other core starts with cold
+caches. Pinned, the hops stay on one core's caches. Measured with `cascade serve all` (1M
+ads, Redis, 2 workers on 2 cores, Locust on the same box, `cascade bench e2e --feedback 0`):
+at 60 rps 10.7 -> 10.1 ms of server CPU per request and p99 51 -> 34 ms; at 100 rps 10.5 ->
+9.1 ms, p99 57 -> 49 ms, shed 3.1% -> 0.1%. In-process, the same requests cost 9.6 ms with
+the stages on threads and 8.3 ms with them inline, so the hops cost about 1.3 ms a request
+of which the hand-off itself is about 0.2 ms (60-75 us per round trip). `auto` leaves a
+worker free to move when the workers do not fill the allowed cores exactly (a container
+whose quota is not a cpuset sees the node's cores).
 """
 
 from __future__ import annotations
@@ -25,11 +38,36 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
 RESPAWN_PAUSE_S = 0.5
+PIN_ENV = "CASCADE_PIN_WORKERS"
+PIN_MODES = ("auto", "1", "0")
+
+
+def worker_cpus(workers: int, allowed: Sequence[int], mode: str = "auto") -> list[int | None]:
+    """The core each worker slot is pinned to, None where it is not pinned (module docstring).
+
+    `auto`: one allowed core per worker exactly, else none; `1`: round robin over the allowed
+    cores; `0`: none."""
+    if mode not in PIN_MODES:
+        raise ValueError(f"{PIN_ENV} must be one of {', '.join(PIN_MODES)}, got {mode!r}")
+    cores = sorted(allowed)
+    if mode == "0" or not cores or (mode == "auto" and len(cores) != workers):
+        return [None] * workers
+    return [cores[slot % len(cores)] for slot in range(workers)]
+
+
+def pin_mode() -> str:
+    """`CASCADE_PIN_WORKERS` as set (`auto` when unset or empty)."""
+    return os.environ.get(PIN_ENV, "").strip() or "auto"
+
+
+def _allowed_cpus() -> list[int]:
+    getter = getattr(os, "sched_getaffinity", None)
+    return sorted(getter(0)) if getter is not None else []
 
 
 def uvicorn_options(host: str, port: int) -> dict[str, Any]:
@@ -58,9 +96,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _child(app: Any, sock: socket.socket, options: dict[str, Any]) -> None:
+def _child(app: Any, sock: socket.socket, options: dict[str, Any], cpu: int | None) -> None:
     import uvicorn
 
+    if cpu is not None:  # before any thread starts: every thread of the worker inherits it
+        os.sched_setaffinity(0, {cpu})
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     config = uvicorn.Config(app, **{k: v for k, v in options.items()
@@ -78,6 +118,7 @@ def serve_forked(app: Any, workers: int, options: dict[str, Any],
     # header in each worker, un-sharing the pages the fork shared.
     gc.collect()
     gc.freeze()
+    cpus = worker_cpus(workers, _allowed_cpus(), pin_mode())
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
 
@@ -86,7 +127,7 @@ def serve_forked(app: Any, workers: int, options: dict[str, Any],
         if pid == 0:  # the worker
             code = 0
             try:
-                _child(app, sock, options)
+                _child(app, sock, options, cpus[slot])
             except BaseException:  # noqa: BLE001 - a worker never returns into the parent's code
                 log.exception("worker %d failed", slot)
                 code = 1
@@ -108,8 +149,9 @@ def serve_forked(app: Any, workers: int, options: dict[str, Any],
     signal.signal(signal.SIGINT, stop)
     for slot in range(workers):
         spawn(slot)
+    pinned = "" if cpus[0] is None else f", pinned to cores {', '.join(map(str, cpus))}"
     say(f"{workers} workers (pids {', '.join(map(str, children))}) on "
-        f"http://{options['host']}:{options['port']}")
+        f"http://{options['host']}:{options['port']}{pinned}")
     while children:
         try:
             pid, status = os.wait()
