@@ -20,11 +20,13 @@ Each worker is pinned to a core of its own when there is exactly one core per wo
 never). Why: a request hops between a worker's event loop and its stage threads several times
 (recall, pre-rank, rank), and a thread the scheduler wakes on the other core starts with cold
 caches. Pinned, the hops stay on one core's caches. Measured with `cascade serve all` (1M
-ads, Redis, 2 workers on 2 cores, Locust on the same box, `cascade bench e2e --feedback 0`):
-at 60 rps 10.7 -> 10.1 ms of server CPU per request and p99 51 -> 34 ms; at 100 rps 10.5 ->
-9.1 ms, p99 57 -> 49 ms, shed 3.1% -> 0.1%. In-process, the same requests cost 9.6 ms with
-the stages on threads and 8.3 ms with them inline, so the hops cost about 1.3 ms a request
-of which the hand-off itself is about 0.2 ms (60-75 us per round trip). `auto` leaves a
+ads, Redis, 2 workers on 2 cores, Locust on the same box, `cascade bench e2e --rps R
+--seconds 30 --feedback 0`, servers restarted between runs): at 100 rps pinned 9.1-9.8 ms of
+server CPU per request (3 runs), 0.1-0.6% shed, p99 44-49 ms; free 10.4-10.5 ms (2 runs),
+2.5-3.1% shed, p99 54-57 ms. At 60 rps no difference beyond the noise (pinned 9.8-11.5 ms,
+free 10.2-10.8 ms). In-process, the same requests cost 9.6 ms with the stages on threads and
+8.3 ms with them inline; the hand-off itself is about 0.2 ms of that (60-75 us a round trip).
+`auto` leaves a
 worker free to move when the workers do not fill the allowed cores exactly (a container
 whose quota is not a cpuset sees the node's cores).
 """
