@@ -26,9 +26,8 @@ server CPU per request (3 runs), 0.1-0.6% shed, p99 44-49 ms; free 10.4-10.5 ms 
 2.5-3.1% shed, p99 54-57 ms. At 60 rps no difference beyond the noise (pinned 9.8-11.5 ms,
 free 10.2-10.8 ms). In-process, the same requests cost 9.6 ms with the stages on threads and
 8.3 ms with them inline; the hand-off itself is about 0.2 ms of that (60-75 us a round trip).
-`auto` leaves a
-worker free to move when the workers do not fill the allowed cores exactly (a container
-whose quota is not a cpuset sees the node's cores).
+`auto` leaves a worker free to move when the workers do not fill the allowed cores exactly
+(a container whose quota is not a cpuset sees the node's cores).
 """
 
 from __future__ import annotations
