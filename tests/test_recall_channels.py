@@ -169,3 +169,9 @@ def test_the_category_channel_is_the_top_eligible_ads_of_the_users_categories(se
                                        exclude_ad_ids=excluded))
     got = result.ad_ids[_names(result) == CHANNEL_CATEGORY]
     assert np.array_equal(got, expected)
+
+
+def test_value_of_reads_each_ads_cold_start_estimate_by_id(world) -> None:
+    recall, _, ad_ids, _, value = world
+    picked = np.array([ad_ids[5], 10**9, ad_ids[0]])
+    assert np.allclose(recall.value_of(picked), [value[5], 0.0, value[0]])

@@ -35,7 +35,7 @@ from services.common.malloc import tune_malloc  # noqa: E402
 from services.common.threads import limit_native_threads  # noqa: E402
 from services.prerank.state import load_prerank_state  # noqa: E402
 from services.rank.ranker import Ranker, RankQuery, expanded_batch  # noqa: E402
-from services.retrieval.index import normalize  # noqa: E402
+from services.retrieval.index import augment_queries, normalize  # noqa: E402
 from services.retrieval.state import VECTORS_FILE, load_retrieval_state  # noqa: E402
 from services.retrieval.user_encoder import two_tower_user_encoder  # noqa: E402
 
@@ -98,9 +98,16 @@ def bench_retrieval(path: str, inputs: BenchInputs, k: int = RECALL_K) -> dict[s
     requests = [wire.RecallRequest(scene="home_feed", k=k, user=u, hist=h)
                 for u, h in zip(inputs.users, inputs.hists, strict=True)]
     fast_t, _ = timed(lambda i: state.handle(requests[i]), len(requests))  # as served
+    # the exact reference scores as the index does: a value-aware index's ads carry
+    # w·(log eCPM − mu) and its queries a trailing 1 (against plain cosine a value-aware
+    # bundle's recall read 0.01)
+    value = state.recall.value
+    prepare = normalize
+    if value is not None:
+        vectors, prepare = value.augment(vectors, state.recall.value_of(ad_ids)), augment_queries
     exact_index = faiss.IndexFlatIP(vectors.shape[1])
     exact_index.add(vectors)
-    queries = [normalize(state.user_vector(r).reshape(1, -1)) for r in requests]
+    queries = [prepare(state.user_vector(r).reshape(1, -1)) for r in requests]
     exact_t, exact = timed(lambda i: exact_index.search(queries[i], k), len(requests))
     # recall is the index's: the same requests with the other channels off (with them on, a
     # third of K comes from the user's categories by design, not from the vector search)

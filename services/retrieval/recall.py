@@ -299,6 +299,13 @@ class Recall:
     def value(self) -> ValueTerm | None:
         return self._value
 
+    def value_of(self, ad_ids: np.ndarray) -> np.ndarray:
+        """Each ad's value as a value-aware index scores it (its cold-start eCPM estimate);
+        0 for ids the catalog does not know."""
+        catalog = self._catalog
+        rows = catalog.ids.rows(np.asarray(ad_ids, dtype=np.int64))
+        return np.where(rows >= 0, catalog.cold_score[np.maximum(rows, 0)], 0.0)
+
     @property
     def nprobe(self) -> int:
         return self._nprobe
