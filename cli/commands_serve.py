@@ -3,8 +3,8 @@
 `all` is the embedded default: every stage in the gateway's process (stage URLs ignored). With
 the in-process store (no REDIS_URL), `--data` (default CASCADE_DATA) fills it from a marketplace
 at start-up. Thread settings (OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS) are exported before
-torch or faiss is imported, and every BLAS / OpenMP pool already loaded (numpy's OpenBLAS: the
-CLI imports numpy first) is held to the same count at run time, again once the app is built
+torch or faiss is imported (they read them once, at load), and every BLAS / OpenMP pool already
+loaded (numpy's OpenBLAS: the CLI imports numpy first) is held to the same count at run time
 (services.common.threads); malloc is tuned for per-request activation tensors
 (services.common.malloc) at the same point.
 
@@ -146,9 +146,6 @@ def serve(
 
     options = uvicorn_options(host, port)
     asgi = build_app(role, bundle_path, data or None)
-    from services.common.threads import limit_native_threads
-
-    limit_native_threads(threads)  # and the pools the bundle's libraries brought
     if workers > 1:
         gateway = getattr(asgi.state, "gateway", None)
         if gateway is not None:

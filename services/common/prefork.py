@@ -68,7 +68,7 @@ def pin_mode() -> str:
 
 def _allowed_cpus() -> list[int]:
     getter = getattr(os, "sched_getaffinity", None)
-    return sorted(getter(0)) if getter is not None else []
+    return list(getter(0)) if getter is not None else []
 
 
 def uvicorn_options(host: str, port: int) -> dict[str, Any]:

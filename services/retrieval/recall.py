@@ -410,8 +410,8 @@ class Recall:
         hi = np.minimum(np.searchsorted(cats, categories, side="right"), lo + 2 * n)
         rows = np.concatenate([grouped[a:b] for a, b in zip(lo.tolist(), hi.tolist(),
                                                              strict=True)])
-        scores = catalog.cold_score[rows]
         if rows.size > 2 * n:
+            scores = catalog.cold_score[rows]
             cut = rows.size - 2 * n
             head = rows[scores >= np.partition(scores, cut)[cut]]
             eligible = head[catalog.eligible_at(head, query)]
