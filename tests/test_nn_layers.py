@@ -86,6 +86,28 @@ def test_dice_is_relu_like_with_zero_alpha_and_linear_for_large_inputs():
     assert torch.allclose(dice(x), torch.tensor([[50.0, 0.0, 0.0]]), atol=1e-6)
 
 
+def test_dice_serving_path_follows_training_and_loaded_statistics():
+    """Inference (no autograd) takes the in-place path with cached constants; it must equal
+    the autograd path after the statistics move by training or by `load_state_dict`."""
+    dice = _trained_dice()
+    x = torch.randn(4, 7, 5) * 2
+    with torch.inference_mode():
+        served = dice(x)
+    assert torch.allclose(served, dice(x).detach(), atol=1e-6)
+    dice.train()
+    dice(torch.randn(64, 5) * 5 - 2)  # running statistics move in place
+    dice.eval()
+    with torch.no_grad():
+        dice.alpha.add_(0.3)
+        moved = dice(x)
+    assert not torch.allclose(moved, served, atol=1e-3)
+    assert torch.allclose(moved, dice(x).detach(), atol=1e-6)
+    with torch.inference_mode():  # a bundle loaded for serving: inference tensors
+        loaded = Dice(5).eval()
+        loaded.load_state_dict(dice.state_dict())
+        assert torch.allclose(loaded(x), moved, atol=1e-6)
+
+
 def _unit(softmax: bool = False, dim: int = 6) -> ActivationUnit:
     torch.manual_seed(1)
     unit = ActivationUnit(dim, (8, 4), "dice", softmax)

@@ -4,8 +4,8 @@ Two paths compute the same pooling:
 - `forward(query [B, D], keys [B, L, D], mask [B, L])` for training, one candidate per row;
 - `pool_candidates(cand [N, D], hist [L, D], mask [L])` for serving one user against N
   candidates. The first linear layer on [q, k, q−k, q·k] is split as
-  (W1+W3)·q + (W2−W3)·k + W4·(q·k) + b, so the candidate term runs once per candidate, the
-  behaviour term once per behaviour, and only the q·k term once per pair.
+  (W1+W3)·q + (W2−W3)·k + W4·(q·k) + b, so the candidate term runs once per candidate and
+  the rest is one GEMM of the behaviours against per-candidate weights.
 """
 
 from __future__ import annotations
@@ -74,12 +74,13 @@ class ActivationUnit(nn.Module):
         w_q, w_k, w_diff, w_prod = self.first.weight.split(dim, dim=1)  # each [H, D]
         width = w_q.shape[0]
         cand_term = F.linear(cand, w_q + w_diff, self.first.bias)  # once per candidate
-        hist_term = F.linear(hist, w_k - w_diff)  # once per behaviour
-        # q·k term: W4 (c ∘ h) = (W4 diag(c)) h, so all pairs are one GEMM of the history
-        # against the candidates' scaled copies of W4: [L, D] @ [D, N·H]. Layout is [L, N, H].
-        pair_weight = (cand.T.unsqueeze(2) * w_prod.T.unsqueeze(1)).reshape(dim, -1)
-        base = (hist_term.unsqueeze(1) + cand_term.unsqueeze(0)).reshape(n_hist, -1)
-        pre = torch.addmm(base, hist, pair_weight).reshape(n_hist, n_cand, width)
+        # The pair term W4 (c ∘ h) = (W4 diag(c)) h and the behaviour term (W2 − W3) h are both
+        # linear in h: one GEMM of the history against per-candidate weights
+        # [D, N·H] = c_n ∘ W4ᵀ + (W2 − W3)ᵀ (layout [L, N, H]) gives both, and the candidate
+        # term enters as the GEMM's broadcast bias row: no [L, N, H] broadcast-add pass.
+        pair = torch.addcmul((w_k - w_diff).T.unsqueeze(1), cand.T.unsqueeze(2),
+                             w_prod.T.unsqueeze(1)).reshape(dim, -1)
+        pre = torch.addmm(cand_term.reshape(-1), hist, pair).reshape(n_hist, n_cand, width)
         logits = self.rest(self.first_act(pre)).squeeze(-1).T  # [N, L_real]
         w = torch.softmax(logits, dim=-1) if self.softmax else logits
         return w.to(hist.dtype) @ hist
