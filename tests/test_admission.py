@@ -143,3 +143,17 @@ def test_workers_are_pinned_one_per_core_only_when_they_fill_the_cores_exactly()
     assert worker_cpus(2, [0, 1], "0") == [None, None]
     with pytest.raises(ValueError, match="CASCADE_PIN_WORKERS"):
         worker_cpus(2, [0, 1], "yes")
+
+
+@pytest.mark.parametrize("budget_ms, settings, target_ms, max_wait_ms", [
+    (25.0, {}, 20.0, 15.0),  # the overload benchmark's budget: the values it was tuned at
+    (50.0, {}, 40.0, 30.0),  # the default budget: a share of it, not 25 ms's fixed values
+    (50.0, {"latency_target_ms": 30, "max_queue_ms": 12}, 30.0, 12.0),  # settings win
+])
+def test_shedding_knobs_follow_the_default_budget_unless_set(budget_ms, settings, target_ms,
+                                                             max_wait_ms) -> None:
+    from services.gateway.cascade import GatewayConfig
+
+    knobs = GatewayConfig.from_dict(settings).admission(budget_ms)
+    assert knobs.target_ms == pytest.approx(target_ms)
+    assert knobs.max_wait_ms == pytest.approx(max_wait_ms)

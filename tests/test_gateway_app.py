@@ -265,6 +265,8 @@ async def test_overload_is_shed_with_503_and_nothing_is_served(env) -> None:
     from services.gateway.served_log import _all
 
     gateway, client = env
+    knobs = gateway.admission["/v1/ads"].config  # from the settings' default budget (2 s)
+    assert (knobs.target_ms, knobs.max_wait_ms) == pytest.approx((1600.0, 1200.0))
     gated = GatedRank(gateway.stages.rank.inner)
     gateway.cascade.rank = gated
     gate = gateway.admission["/v1/ads"]

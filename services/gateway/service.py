@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from models.nn.qscore import Qscore
 from services.common import wire
-from services.common.admission import Admission, AdmissionConfig
+from services.common.admission import Admission
 from services.common.config import Settings
 from services.common.events import (
     Event,
@@ -116,8 +116,7 @@ class Gateway:
         self.catalog = Catalog(scenes=tuple(config.scenes), qscore=self.qscores.ctr)
         self.pacer = Pacer(self.store, catalog=self.catalog)
         self.metrics = GatewayMetrics()
-        shed = AdmissionConfig(target_ms=config.latency_target_ms,
-                               max_wait_ms=config.max_queue_ms)
+        shed = config.admission(settings.budget_ms)
         self.admission = {"/v1/ads": Admission(shed), "/v1/events": Admission(shed)}
         self.cascade = Cascade(
             config=config, store=self.store, catalog=self.catalog, qscores=self.qscores,
