@@ -151,7 +151,8 @@ class GatewayConfig:
         of it and a request may wait 0.6 of it for its handler (20 and 15 ms at 25 ms, where
         the overload benchmark tuned them). Fixed values would shed requests the worker can
         still answer in time on a slower machine or with a larger budget: a box where an
-        unloaded answer takes 20 ms shed 5-7% at 40% CPU with a 20 ms target."""
+        unloaded answer takes 20 ms shed 7-10% of 50 rps at about 40% CPU with a 20 ms
+        target, and 0.1-0.2% with the derived one."""
         target = self.latency_target_ms
         wait = self.max_queue_ms
         return AdmissionConfig(
