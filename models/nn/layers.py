@@ -163,19 +163,21 @@ class Dice(nn.Module):
                       for t in sources)
         if self._serving is None or self._serving[0] != state:
             with torch.no_grad():
-                inv_std = torch.rsqrt(self.bn.running_var + self.bn.eps)
-                alpha = self.alpha.detach().clone()
-                self._serving = (state, (-self.bn.running_mean * inv_std, inv_std, alpha,
-                                         1.0 - alpha))
+                alpha = self.alpha.detach()
+                self._serving = (state, (*self._running_affine(), alpha, 1.0 - alpha))
         return self._serving[1]
+
+    def _running_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(−mean/std, 1/std): BN on running statistics as one fused multiply-add."""
+        inv_std = torch.rsqrt(self.bn.running_var + self.bn.eps)
+        return -self.bn.running_mean * inv_std, inv_std
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.numel() > x.shape[-1]:
             return self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-        # Eval (or a single training row, which has no variance): running statistics,
-        # folded into one fused multiply-add.
-        inv_std = torch.rsqrt(self.bn.running_var + self.bn.eps)
-        return torch.addcmul(-self.bn.running_mean * inv_std, x, inv_std)
+        # Eval (or a single training row, which has no variance): running statistics.
+        shift, scale = self._running_affine()
+        return torch.addcmul(shift, x, scale)
 
 
 def make_activation(name: str, dim: int) -> nn.Module:
