@@ -8,12 +8,35 @@ import numpy as np
 import pytest
 
 from services.retrieval.index import build_index, build_value_index, normalize
-from services.retrieval.recall import AdCatalog, ChannelQuotas, Recall, RecallQuery, UnknownAdError
+from services.retrieval.recall import (
+    AdCatalog,
+    ChannelQuotas,
+    Recall,
+    RecallQuery,
+    UnknownAdError,
+    fetch_for,
+    probe_depth,
+)
 from tests.test_retrieval_index import clustered_corpus
 
 SCENES = ("home_feed", "search", "product_detail")
 # These tests check the two-tower ANN channel alone (tests/test_recall_channels.py: the rest).
 ANN_ONLY = ChannelQuotas(category=0.0, high_value=0.0, new=0.0)
+
+
+@pytest.mark.parametrize("share", [0.3, 0.92, 0.999, 1.0])
+def test_fetch_holds_k_eligible_under_random_eligibility_with_less_than_a_flat_margin(share):
+    """The binomial slack of `fetch_for`: K eligible among the fetched results in all but a
+    few of 20,000 draws, asking for less than the flat 1.25 x K / share it replaced; the
+    lists searched (`probe_depth`) keep that flat scale."""
+    total, k = 1_000_000, 2000
+    eligible = int(share * total)
+    fetch = fetch_for(k, total, eligible)
+    draws = np.random.default_rng(0).binomial(fetch, eligible / total, 20_000)
+    assert (draws >= k).mean() > 0.999
+    assert fetch < 1.25 * k * total / eligible
+    assert probe_depth(k, total, eligible) == int(np.ceil(1.25 * k * total / eligible)) + 16
+    assert fetch_for(k, 1500, 1500) == 1500  # never more than the catalog
 
 
 def make_recall(n: int = 6000, exact_below: int = 1000, seed: int = 0):
