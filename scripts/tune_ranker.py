@@ -47,6 +47,9 @@ TRIALS: dict[str, dict[str, Any]] = {
     "attention_softmax": {"config": {"attention_softmax": True}},
     "interest_match": {"config": {"interest_match": True}},
     "no_interest_match": {"config": {"interest_match": False}},
+    "cvr_click_weight=0.5": {"config": {"cvr_click_weight": 0.5}},
+    "cvr_click_weight=1": {"config": {"cvr_click_weight": 1.0}},
+    "cvr_click_weight=3": {"config": {"cvr_click_weight": 3.0}},
 }
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from models.nn.config import RankerConfig
-from models.nn.din_esmm import DinEsmm, esmm_losses
+from models.nn.din_esmm import DinEsmm, clicked_cvr_loss, esmm_losses
 from tests.test_nn_support import random_batch, rows, tiny_schema, with_extra_pads
 
-DENSE = RankerConfig(attention_hidden=(8, 4), tower_hidden=(16, 8), sparse_embeddings=False)
+DENSE = RankerConfig(attention_hidden=(8, 4), tower_hidden=(16, 8), sparse_embeddings=False,
+                     cvr_click_weight=0.0)  # pure ESMM
 MATCH = RankerConfig(attention_hidden=(8, 4), tower_hidden=(16, 8), sparse_embeddings=False,
                      interest_match=True)
 
@@ -112,6 +115,27 @@ def test_cvr_tower_learns_only_through_the_product_and_embeddings_from_both_loss
     table = "backbone.embeddings.tables.ad_id.weight"
     assert torch.count_nonzero(from_ctr[table]) > 0
     assert torch.count_nonzero(from_ctcvr[table]) > 0
+
+
+def test_clicked_cvr_term_reads_clicked_rows_only_on_the_ctcvr_scale():
+    cvr_logit = torch.tensor([0.3, -1.0, 2.0, -0.5, 1.5])
+    click = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0])
+    conv = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    clicked = click > 0
+    expected = F.binary_cross_entropy_with_logits(cvr_logit[clicked], conv[clicked]) * 3 / 5
+    assert torch.allclose(clicked_cvr_loss(cvr_logit, click, conv), expected)
+    flipped = torch.where(clicked, conv, 1.0 - conv)  # unclicked labels carry nothing
+    assert torch.allclose(clicked_cvr_loss(cvr_logit, click, flipped), expected)
+    assert clicked_cvr_loss(cvr_logit, torch.zeros(5), conv).item() == 0.0
+
+    weighted = _model(replace(DENSE, cvr_click_weight=2.0)).train()
+    batch = random_batch(tiny_schema(), size=32, seed=3)
+    out = weighted(batch)
+    parts = esmm_losses(out["ctr_logit"], out["cvr_logit"], batch["click"], batch["conversion"])
+    direct = clicked_cvr_loss(out["cvr_logit"], batch["click"], batch["conversion"])
+    assert batch["click"].sum() > 0 and direct.item() > 0
+    total = weighted.loss(out, batch["click"], batch["conversion"])
+    assert torch.allclose(total, parts["ctr"] + parts["ctcvr"] + 2.0 * direct)
 
 
 def test_each_feature_is_embedded_once_per_forward():

@@ -65,7 +65,8 @@ class RankerConfig(JsonConfig):
     """
 
     kind: ClassVar[str] = "ranker"
-    absent_means: ClassVar[dict[str, Any]] = {"interest_match": False}  # bundles before it
+    absent_means: ClassVar[dict[str, Any]] = {"interest_match": False,  # bundles before them
+                                              "cvr_click_weight": 0.0}
     attention_hidden: tuple[int, ...] = (32, 16)
     attention_activation: str = "dice"
     attention_softmax: bool = False
@@ -75,9 +76,14 @@ class RankerConfig(JsonConfig):
     dropout: float = 0.0
     sparse_embeddings: bool = True
     init_std: float = 0.01
+    # DIN+ESMM: weight of the clicked rows' direct CVR loss beside the entire-space one
+    # (models.nn.din_esmm.clicked_cvr_loss); 0 is pure ESMM. Ignored by the baselines.
+    cvr_click_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_hidden("attention_hidden", self.attention_hidden)
+        if not isinstance(self.cvr_click_weight, int | float) or self.cvr_click_weight < 0:
+            raise ConfigError(f"{self.kind}.cvr_click_weight: must be a number >= 0")
         self._check_hidden("tower_hidden", self.tower_hidden)
         self._check_activation("attention_activation", self.attention_activation)
         self._check_activation("tower_activation", self.tower_activation)

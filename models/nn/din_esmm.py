@@ -39,6 +39,22 @@ def esmm_losses(
     return {"ctr": ctr, "ctcvr": ctcvr_loss}
 
 
+def clicked_cvr_loss(cvr_logit: torch.Tensor, click: torch.Tensor,
+                     conversion: torch.Tensor) -> torch.Tensor:
+    """BCE(pCVR, conversion) summed over the clicked rows, divided by ALL rows of the batch.
+
+    Why, beside the entire-space loss: through the product, a clicked impression that did not
+    convert pushes pCVR down with a gradient damped by pCTR (d log(1 - pq)/db ~ -p q), so the
+    CVR tower barely learns from the rows that separate converters from non-converters among
+    clicks. This term gives them their full weight (ESCM2's point). Dividing by the batch, not
+    by the clicked rows, keeps it on the scale of the CTCVR loss, and it is 0 without clicks.
+    """
+    click = click.to(cvr_logit.dtype)
+    per_row = F.binary_cross_entropy_with_logits(
+        cvr_logit, conversion.to(cvr_logit.dtype), reduction="none")
+    return (per_row * click).sum() / max(cvr_logit.numel(), 1)
+
+
 def heads_output(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> dict[str, torch.Tensor]:
     """The ranker's output dict (logits for the loss, probabilities for serving and eval)."""
     pctr = torch.sigmoid(ctr_logit)
@@ -87,9 +103,14 @@ class DinEsmm(nn.Module):
     def loss(
         self, out: dict[str, torch.Tensor], click: torch.Tensor, conversion: torch.Tensor
     ) -> torch.Tensor:
-        """BCE(pCTR, click) + BCE(pCTCVR, click·conversion); no direct CVR loss."""
+        """BCE(pCTR, click) + BCE(pCTCVR, click·conversion), plus `cvr_click_weight` x the
+        clicked rows' CVR loss (`clicked_cvr_loss`; 0: pure ESMM)."""
         parts = esmm_losses(out["ctr_logit"], out["cvr_logit"], click, conversion)
-        return parts["ctr"] + parts["ctcvr"]
+        total = parts["ctr"] + parts["ctcvr"]
+        weight = self.config.cvr_click_weight
+        if weight > 0:
+            total = total + weight * clicked_cvr_loss(out["cvr_logit"], click, conversion)
+        return total
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """Loss with labels read from the batch (`click`, `conversion`)."""

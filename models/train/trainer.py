@@ -33,7 +33,7 @@ from models.nn import Qscore, build_model, default_config, estimate_log_q
 from models.pricing import PRIOR_CVR, qscore_ecpm
 from models.train.calibrate import fit_affine, fold_into_output, logits_of
 from models.train.loop import Batch, FitConfig, Progress, fit, predict
-from models.train.metrics import auc, gauc
+from models.train.metrics import auc, gauc, spearman
 from models.train.rare_ids import RareIds, RareIdSource
 from models.train.rocket import RocketConfig, RocketPair
 from models.train.split import Split, choose_split, split_from_dict
@@ -146,6 +146,10 @@ def _validation_metrics(name: str, model: torch.nn.Module, log: EncodedLog,
         clicked = log.click[idx] > 0
         if clicked.any():
             metrics["valid_cvr_auc"] = auc(log.conversion[idx][clicked], out["pcvr"][clicked])
+        truth = log.true_pcvr[idx]
+        known = ~np.isnan(truth)  # simulated data: how well pCVR orders the true one
+        if known.any():
+            metrics["valid_cvr_fidelity"] = spearman(out["pcvr"][known], truth[known])
     return {k: round(float(v), 5) for k, v in metrics.items()}
 
 
