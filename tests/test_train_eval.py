@@ -53,6 +53,10 @@ def test_bundle_records_split_models_and_vectors(trained):
     assert np.allclose(np.linalg.norm(vectors["vectors"], axis=1), 1.0, atol=1e-4)
     assert manifest["index"]["recall_at_k"] >= 0.95
     assert manifest["models"]["qscore"]["prior"]["kind"] == "beta_prior_ctr"
+    # simulated data: each CVR head's validation Spearman against the true pCVR is recorded
+    for name in ("din_esmm", "cvr_base"):
+        assert -1.0 <= manifest["models"][name]["metrics"]["valid_cvr_fidelity"] <= 1.0
+    assert manifest["models"]["din_esmm"]["metrics"]["valid_cvr_fidelity"] > 0.0
 
 
 def test_exported_towers_reproduce_training_scores(tiny_data, trained):
