@@ -4,6 +4,7 @@
     python -m scripts.figures quality  --eval FILE --command "..."
     python -m scripts.figures stages   --bench FILE --command "..."
     python -m scripts.figures load     --summary FILE --command "..."
+    python -m scripts.figures datasets --eval NAME=FILE [--eval NAME=FILE ...] --command "..."
 
 Each rewrites one block of README.md between `<!-- figures:NAME:begin/end -->` markers, so the
 README never carries a number typed in by hand.
@@ -177,6 +178,35 @@ def quality_goals(result: dict) -> list[str]:
     return ["| goal | measured | |", "|---|---|---|", *rows]
 
 
+BASELINES = ("qscore", "dqm", "base")
+
+
+def datasets(args: argparse.Namespace) -> None:
+    """DIN+ESMM against its baselines on several datasets, each trained with default flags:
+    the models issue's "beats qscore, dqm and base on CTR AUC and GAUC" goal, per dataset."""
+    lines = ["### The same defaults on other data", "", f"`{args.command}` on {machine()}:", "",
+             "| data | test rows | metric | oracle | din_esmm | " + " | ".join(BASELINES)
+             + " | DIN+ESMM ahead of all three |", "|---|---:|---|---:|---:|"
+             + "---:|" * len(BASELINES) + "---|"]
+    for spec in args.eval:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--eval {spec!r}: expected NAME=FILE")
+        result = json.loads(Path(path).read_text())
+        models = result["models"]
+        for key in ("ctr_auc", "ctr_gauc"):
+            din = models.get("din_esmm", {}).get(key)
+            others = [models.get(b, {}).get(key) for b in BASELINES]
+            ahead = din is not None and all(o is not None and din > o for o in others)
+            lines.append(f"| {name} | {result['rows']:,} | {key} | "
+                         f"{_fmt(result.get('oracle', {}).get(key))} | {_fmt(din)} | "
+                         + " | ".join(_fmt(o) for o in others)
+                         + f" | {'met' if ahead else 'missed'} |")
+    if args.note:
+        lines += ["", args.note]
+    replace_block("datasets", "\n".join(lines))
+
+
 def stages(args: argparse.Namespace) -> None:
     result = json.loads(Path(args.bench).read_text())
     lines = ["### Stage latency", "", f"`{args.command}` on {result.get('machine', machine())}:",
@@ -251,9 +281,12 @@ def main() -> None:
     p.add_argument("--workdir", default=None)
     p.set_defaults(fn=simulator)
     for name, flag, fn in (("quality", "--eval", quality), ("stages", "--bench", stages),
-                           ("load", "--summary", load)):
+                           ("load", "--summary", load), ("datasets", "--eval", datasets)):
         p = sub.add_parser(name)
-        p.add_argument(flag, required=True)
+        if name == "datasets":
+            p.add_argument(flag, required=True, action="append", help="NAME=FILE, repeated")
+        else:
+            p.add_argument(flag, required=True)
         p.add_argument("--command", required=True)
         p.add_argument("--note", default="")
         if name == "quality":
