@@ -171,6 +171,23 @@ def test_the_category_channel_is_the_top_eligible_ads_of_the_users_categories(se
     assert np.array_equal(got, expected)
 
 
+def test_an_ad_paused_after_the_category_lists_were_cached_is_not_recalled(world) -> None:
+    """The lists are cached per scene; a request that still holds them when an ad is paused
+    (the status column changes in place) must not return it: the picked rows are re-checked,
+    and the deeper screened path replaces them."""
+    recall, vectors, _, _, _ = world
+    quotas = ChannelQuotas(category=1.0, high_value=0.0, new=0.0)
+    query = RecallQuery(scene=SCENE, user_vector=vectors[0], k=100,
+                        categories=np.array([1, 2, 3]), quotas=quotas)
+    before = recall.recall(query).ad_ids
+    paused = before[:5]
+    catalog = recall._catalog
+    catalog.active[catalog.ids.rows(paused)] = False  # as set_status does, the cache kept
+    after = recall.recall(query).ad_ids
+    assert after.size == 100 and not np.isin(paused, after).any()
+    assert np.array_equal(after[:95], before[5:])
+
+
 def test_value_of_reads_each_ads_cold_start_estimate_by_id(world) -> None:
     recall, _, ad_ids, _, value = world
     picked = np.array([ad_ids[5], 10**9, ad_ids[0]])

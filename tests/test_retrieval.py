@@ -121,6 +121,19 @@ def test_unknown_scene_and_exclusions(world):
     assert any(truth["status"][a] == "paused" for a in loose.ad_ids.tolist())
 
 
+def test_eligible_mask_agrees_with_the_catalog_and_unknown_ids_are_not_eligible(world):
+    recall, _, ad_ids, _, truth = world
+    ids = np.concatenate([ad_ids[:500], [-7, 10**12]])
+    excluded = ad_ids[:3]
+    for scene in SCENES:
+        mask = recall.eligible(ids, RecallQuery(scene=scene, exclude_ad_ids=excluded))
+        allowed = eligible_ids(truth, scene) - set(excluded.tolist())
+        assert mask.tolist() == [a in allowed for a in ids.tolist()]
+    loose = recall.eligible(ids, RecallQuery(scene="search", include_paused=True,
+                                             ignore_scene_targeting=True))
+    assert loose.tolist() == [True] * 500 + [False, False]
+
+
 def test_wrong_vector_size_is_a_value_error(world):
     with pytest.raises(ValueError, match="dims"):
         world[0].recall(RecallQuery(scene="search", user_vector=np.ones(5)))

@@ -91,12 +91,7 @@ class RetrievalState:
         vector = self.user_vector(request)
         if deadline is not None:
             deadline.check("faiss search")
-        result = self.recall.recall(RecallQuery(
-            scene=request.scene, user_vector=vector, k=request.k,
-            exclude_ad_ids=request.eligibility.exclude_ad_ids,
-            include_paused=request.eligibility.include_paused,
-            ignore_scene_targeting=request.eligibility.ignore_scene_targeting,
-            **channel_query(request.hist, request.quotas)))
+        result = self.recall.recall(recall_query(request, vector))
         return wire.RecallResponse(ad_ids=result.ad_ids, scores=result.scores,
                                    channel=result.channel, eligible=result.eligible,
                                    info=wire.StageInfo(model_version=self.version),
@@ -110,6 +105,16 @@ class RetrievalState:
         added = self.recall.add_ad(update.ad_id, vector, update.scenes, update.status,
                                    update.cold_score)
         return wire.CatalogUpdateResponse(ad_id=update.ad_id, status=update.status, added=added)
+
+
+def recall_query(request: wire.RecallRequest, vector: np.ndarray | None) -> RecallQuery:
+    """The wire request in `Recall`'s terms: who is asking, where, and what they may see."""
+    return RecallQuery(
+        scene=request.scene, user_vector=vector, k=request.k,
+        exclude_ad_ids=request.eligibility.exclude_ad_ids,
+        include_paused=request.eligibility.include_paused,
+        ignore_scene_targeting=request.eligibility.ignore_scene_targeting,
+        **channel_query(request.hist, request.quotas))
 
 
 def catalog_update(state: RetrievalState, ad: Ad) -> wire.CatalogUpdate:
