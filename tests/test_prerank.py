@@ -19,7 +19,7 @@ from models.nn.dqm import Dqm
 from models.nn.layers import build_optimizers
 from services.common import wire
 from services.common.features import FeatureEncoder, to_tensors
-from services.prerank.preranker import PreRanker, PrerankQuery
+from services.prerank.preranker import NumpyInterestMatch, PreRanker, PrerankQuery
 from services.prerank.state import load_prerank_state
 from tests.test_nn_support import random_batch, tiny_schema
 
@@ -194,9 +194,20 @@ def _network_logits(pre: PreRanker, ids: np.ndarray, catalog: dict[str, np.ndarr
         return pre.model(_network_batch(pre, ids, catalog, hist)).numpy()
 
 
+# how each match field is served: pooled per distinct code of its table, or per candidate row
+# (the tiny schema's tables, ad ids 201 rows and categories 21, are both small)
+CODE_PATHS = {"codes": (NumpyInterestMatch.CODE_ROWS, [True, True]),
+              "rows": (0, [False, False]),
+              "mixed, as served at scale": (100, [False, True])}
+
+
+@pytest.mark.parametrize("path", CODE_PATHS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_served_match_term_equals_the_network_on_random_histories(seed):
+def test_served_match_term_equals_the_network_on_random_histories(seed, path, monkeypatch):
+    code_rows, by_code = CODE_PATHS[path]
+    monkeypatch.setattr(NumpyInterestMatch, "CODE_ROWS", code_rows)
     pre, catalog = _random_preranker(seed, DqmConfig(hidden=(16,), out_dim=8))
+    assert pre._match.by_code == by_code
     assert np.abs(pre.model.match_weight.detach().numpy() - 1.0).max() > 1e-3  # trained
     ids = np.random.default_rng(100 + seed).permutation(200)[:150]
     terms = []
@@ -242,7 +253,10 @@ def test_a_dqm_without_the_match_serves_as_before():
                                atol=2e-6)
 
 
-def test_a_new_ad_gets_its_match_rows_and_a_match_model_needs_the_ads_features():
+@pytest.mark.parametrize("path", CODE_PATHS)
+def test_a_new_ad_gets_its_match_rows_and_a_match_model_needs_the_ads_features(path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(NumpyInterestMatch, "CODE_ROWS", CODE_PATHS[path][0])
     pre, catalog = _random_preranker(4, DqmConfig(hidden=(16,), out_dim=8))
     hist = RANDOM_HISTORIES["repeats"]
     assert pre.add_ad(500, {"category_id": 4, "price_bucket": 2})  # category 4: in the history

@@ -11,10 +11,11 @@ gateway that must fall back to pre-ranking scores (ranking failed or ran out of 
 price with them directly.
 
 With the DQM's interest match, the logit also gets Σ_f w_f · match_f (models.nn.dqm). The
-candidate side of each match field is the ad's L2-normalised row of the shared table: it
-precomputes at load into the same AdTable as the ad vectors (column "match", kept current by
-`add_ad`), so a request only normalises the user's few behaviour rows and runs one
-[N, D] @ [D, L] per field, then the softmax pooling (`NumpyInterestMatch`).
+candidate side of each match field is the ad's L2-normalised row of the shared table, or for
+a small table (categories) the ad's code: both precompute at load into the same AdTable as the
+ad vectors (columns "match" and "match_codes", kept current by `add_ad`), so a request only
+normalises the user's few behaviour rows and runs one [N, D] @ [D, L] per field (per distinct
+code for a small table), then the softmax pooling (`NumpyInterestMatch`).
 
 Ads added after the bundle (catalog updates) get their vector from the DQM ad tower, computed
 from their raw features, and join the matrix without a rebuild (with their match rows). Candidate
@@ -46,6 +47,7 @@ NORM_EPS = 1e-8  # torch's cosine_similarity / F.normalize clamp on the norm
 # exp(k·cos) lies in [e^-k, e^k]: float32's normal range (e^±87) holds it, and sums of it over a
 # history, while the sharpness k stays below this; past it the row maximum is subtracted first.
 SAFE_SHARPNESS = 40.0
+MATCH_COLUMNS = ("match", "match_codes")  # NumpyInterestMatch's AdTable columns
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,17 @@ class NumpyInterestMatch:
     """Σ_f w_f · match_f for one user and N candidates: the DQM's match term, in numpy.
 
     Same maths as `InterestMatch`: per field, the cosines between the candidate's row and the
-    real behaviours' rows, pooled by softmax(k_f · cos). The candidates' rows are stored
-    normalised (one AdTable column, fields side by side), so a request normalises its few
-    behaviour rows and runs one [N, D] @ [D, L] per field, then the pooling, with two exact
+    real behaviours' rows, pooled by softmax(k_f · cos). A request normalises its few
+    behaviour rows, runs one [N, D] @ [D, L] per field, then the pooling, with three exact
     shortcuts:
 
     - a behaviour repeated in the history counts once, weighted by its count: the softmax over
       positions equals the count-weighted softmax over distinct rows (categories repeat a lot).
+    - a field whose table is small (`CODE_ROWS` rows at most: categories, not ad ids) is
+      pooled once per distinct value among the candidates and gathered back: 2,000
+      candidates hold a few hundred categories, and the exp over [N, L] is the term's largest
+      cost. Such a field is stored as the candidates' codes (one AdTable column, "match_codes"),
+      the others as their normalised rows (column "match", fields side by side).
     - no max-subtraction pass: with |k · cos| ≤ k < SAFE_SHARPNESS, exp(k · cos) and the sums
       stay well inside float32's range; a sharper field subtracts the row maximum, as torch
       does.
@@ -108,6 +114,8 @@ class NumpyInterestMatch:
     The padding row is zero, so its cosine is 0, as torch gives for a position where only
     another field is real (and for a candidate whose category is unknown).
     """
+
+    CODE_ROWS = 4096  # a field's table at most this many rows is pooled per distinct code
 
     def __init__(self, model: Dqm, embeddings: NumpyEmbeddings) -> None:
         if model.match is None or model.match_weight is None:
@@ -117,27 +125,51 @@ class NumpyInterestMatch:
         self._tables = [embeddings.tables[embeddings.owner[b]] for _, b in self.fields]
         self.sharpness = model.match.log_sharpness.detach().exp().cpu().numpy().astype(np.float64)
         self.weight = model.match_weight.detach().cpu().numpy().astype(np.float64)
-        bounds = np.cumsum([0, *(t.shape[1] for t in self._tables)])
-        self._slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:],
-                                                             strict=True)]
-        self.width = int(bounds[-1])
+        self.by_code = [t.shape[0] <= self.CODE_ROWS for t in self._tables]
+        # each field's place: a column of "match_codes", or a slice of "match"'s row width
+        self._place: list[int | slice] = []
+        width = codes = 0
+        for table, by_code in zip(self._tables, self.by_code, strict=True):
+            if by_code:
+                self._place.append(codes)
+                codes += 1
+            else:
+                self._place.append(slice(width, width + table.shape[1]))
+                width += table.shape[1]
+        self.width, self.n_codes = width, codes
+        self._unit = [_normalised(t) if by_code else None
+                      for t, by_code in zip(self._tables, self.by_code, strict=True)]
 
-    def candidate_rows(self, encoded: Mapping[str, np.ndarray]) -> np.ndarray:
-        """[n, width] float32 for n ads' encoded features: their normalised rows, per field."""
-        return np.ascontiguousarray(np.concatenate(
-            [_normalised(table[np.asarray(encoded[name], dtype=np.int64).reshape(-1)])
-             for (name, _), table in zip(self.fields, self._tables, strict=True)], axis=1),
-            dtype=np.float32)
+    def columns(self, encoded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The AdTable columns of n ads' encoded features: "match" [n, width] float32, their
+        normalised rows of the large-table fields, and "match_codes" [n, codes] int64, their
+        codes of the small-table fields (a column is left out when no field uses it)."""
+        rows, codes = [], []
+        for (name, _), table, by_code in zip(self.fields, self._tables, self.by_code,
+                                             strict=True):
+            code = np.asarray(encoded[name], dtype=np.int64).reshape(-1)
+            if by_code:
+                codes.append(code)
+            else:
+                rows.append(_normalised(table[code]))
+        out = {}
+        if rows:
+            out["match"] = np.ascontiguousarray(np.concatenate(rows, axis=1), dtype=np.float32)
+        if codes:
+            out["match_codes"] = np.stack(codes, axis=1)
+        return out
 
-    def logits(self, candidates: np.ndarray, hist: Mapping[str, np.ndarray]) -> np.ndarray | None:
-        """[N] term for `candidate_rows` of N ads and an encoded history ([1, L] per field);
-        None when the history is empty (every match is 0)."""
+    def logits(self, candidates: Mapping[str, np.ndarray],
+               hist: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """[N] term for N ads' `columns` and an encoded history ([1, L] per field); None when
+        the history is empty (every match is 0)."""
         mask = hist[self.behaviour_names[0]][0] != 0
         for name in self.behaviour_names[1:]:
             mask = mask | (hist[name][0] != 0)
         if not mask.any():
             return None
-        out = np.zeros(candidates.shape[0], dtype=np.float32)
+        n = next(iter(candidates.values())).shape[0]
+        out = np.zeros(n, dtype=np.float32)
         for f, ((_, name), table) in enumerate(zip(self.fields, self._tables, strict=True)):
             # distinct behaviours and their counts (Counter: a third of np.unique's time on ≤ 50)
             seen = Counter(hist[name][0][mask].tolist())
@@ -145,20 +177,37 @@ class NumpyInterestMatch:
             counts = np.fromiter(seen.values(), dtype=np.float32, count=len(seen))
             k = self.sharpness[f]
             keys = _normalised(table[rows], k).T
-            z = candidates[:, self._slices[f]] @ keys  # k·cos, [N, distinct behaviours]
-            shift = None
-            if k >= SAFE_SHARPNESS:
-                shift = z.max(axis=1, keepdims=True)
-                z -= shift
-            e = np.empty_like(z)  # torch's vectorised exp: about half numpy's time here
-            torch.exp(torch.from_numpy(z), out=torch.from_numpy(e))
-            den = e @ counts
-            e *= z
-            pooled = (e @ counts) / den  # Σ p·z (minus the shift), p the softmax
-            if shift is not None:
-                pooled += shift[:, 0]
+            place = self._place[f]
+            if isinstance(place, slice):
+                pooled = _pool(candidates["match"][:, place], keys, counts, k)
+            else:
+                # the distinct codes by a presence mask over the small table: no sort
+                code = candidates["match_codes"][:, place]
+                present = np.zeros(table.shape[0], dtype=bool)
+                present[code] = True
+                index = np.cumsum(present, dtype=np.int64) - 1
+                distinct = np.flatnonzero(present)
+                pooled = _pool(self._unit[f][distinct], keys, counts, k)[index[code]]
             out += np.float32(self.weight[f] / k) * pooled  # w · Σ p·cos = w · Σ p·z / k
         return out
+
+
+def _pool(candidates: np.ndarray, keys: np.ndarray, counts: np.ndarray, k: float) -> np.ndarray:
+    """Σ p·z per candidate row, z = k·cos against the distinct behaviours (`keys`, scaled by
+    k) and p their count-weighted softmax."""
+    z = candidates @ keys  # k·cos, [N, distinct behaviours]
+    shift = None
+    if k >= SAFE_SHARPNESS:
+        shift = z.max(axis=1, keepdims=True)
+        z -= shift
+    e = np.empty_like(z)  # torch's vectorised exp: about half numpy's time here
+    torch.exp(torch.from_numpy(z), out=torch.from_numpy(e))
+    den = e @ counts
+    e *= z
+    pooled = (e @ counts) / den  # Σ p·z (minus the shift), p the softmax
+    if shift is not None:
+        pooled += shift[:, 0]
+    return pooled
 
 
 class PreRanker:
@@ -190,7 +239,7 @@ class PreRanker:
             missing = [q for q, _ in self._match.fields if q not in features]
             if missing:
                 raise ValueError(f"the DQM's interest match needs the ads' {missing}")
-            columns["match"] = self._match.candidate_rows(features)
+            columns.update(self._match.columns(features))
         self.ads = AdTable(ad_ids, columns)
         self._user_tower = NumpyMLP(model.user_tower)
         self._scene_tower = NumpyMLP(model.scene_tower)
@@ -280,7 +329,9 @@ class PreRanker:
         # np.take, not fancy indexing: it copies whole rows, ~3x faster for 2,000 of them
         logits = np.take(snapshot.columns["vector"], rows, axis=0) @ q  # gather + one product
         if self._match is not None:
-            match = self._match.logits(np.take(snapshot.columns["match"], rows, axis=0), hist)
+            match = self._match.logits({name: np.take(snapshot.columns[name], rows, axis=0)
+                                        for name in MATCH_COLUMNS if name in snapshot.columns},
+                                       hist)
             if match is not None:
                 logits += match
         return logits
@@ -300,7 +351,8 @@ class PreRanker:
         encoded = self.encoder.ad({**features, "ad_id": int(ad_id)})
         values = {"vector": self._ad_vector(encoded)}
         if self._match is not None:
-            values["match"] = self._match.candidate_rows(encoded)[0]
+            values.update({name: column[0]
+                           for name, column in self._match.columns(encoded).items()})
         return self.ads.upsert(int(ad_id), values)
 
 
