@@ -1,4 +1,4 @@
-"""`cascade load-store` (fill Redis from a marketplace) and `cascade import-aliccp`."""
+"""`cascade load-store` (fill Redis from a marketplace) and the importers of public datasets."""
 
 from __future__ import annotations
 
@@ -106,3 +106,24 @@ def import_aliccp_cmd(
     print(f"imported {summary['impressions']:,} impressions ({summary['train_impressions']:,} "
           f"train, {summary['test_impressions']:,} test), {summary['ads']:,} ads, "
           f"{summary['users']:,} users into {out} in {time.perf_counter() - started:.1f}s")
+
+
+@app.command("import-movielens")
+def import_movielens_cmd(
+    src: Path = typer.Option(..., "--src", help="The ml-100k directory (u.data, u.item, "
+                             "u.user) of GroupLens' MovieLens 100k."),
+    out: Path = typer.Option(..., "--out", help="Dataset directory to write."),
+) -> None:
+    """Convert MovieLens 100k ratings into a Cascade dataset: one impression per rating,
+    click = rating >= 4, conversion = rating 5, the clicked movies before each rating as its
+    behaviour sequence, and a global 80/20 time split in an impressions `split` column.
+    Writes the MovieLens schema to OUT/schema.yaml; train with `cascade train --data OUT`.
+    """
+    from models.data.movielens import import_movielens
+
+    started = time.perf_counter()
+    summary = import_movielens(src, out)
+    print(f"imported {summary['impressions']:,} ratings ({summary['train_impressions']:,} "
+          f"train, {summary['test_impressions']:,} test; CTR {summary['ctr']:.3f}, CVR "
+          f"{summary['cvr']:.3f}), {summary['ads']:,} movies, {summary['users']:,} users into "
+          f"{out} in {time.perf_counter() - started:.1f}s")
