@@ -26,7 +26,6 @@ common-feature index of the current split, the users and the ad catalog stay in 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -312,11 +311,7 @@ def import_aliccp(src: str | Path, out: str | Path, max_samples: int | None = No
                      for s, v in sorted(c.by_scene.items())},
         "by_position": {"0": {"impressions": total, "ctr": _rate(clicks, total),
                               "cvr": _rate(c.conversions, clicks)}},
-        "oracle": {"ctr_auc": None, "ctr_gauc": None, "cvr_auc": None},
-        "defaults": {"bid_type": "cpc", "bid_micros": DEFAULT_BID_MICROS,
-                     "daily_budget_micros": DEFAULT_BUDGET_MICROS},
-        "schema_sha256": schema.sha256,
-        "seconds": round(time.perf_counter() - started, 3),
     }
-    (out_dir / layout.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return layout.write_import_summary(
+        out_dir, summary, bid_micros=DEFAULT_BID_MICROS, budget_micros=DEFAULT_BUDGET_MICROS,
+        schema_sha256=schema.sha256, seconds=time.perf_counter() - started)

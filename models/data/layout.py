@@ -17,7 +17,9 @@ Money is integer micros. `ts` is milliseconds since the Unix epoch (UTC).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 ADS_FILE = "ads.parquet"
 CAMPAIGNS_FILE = "campaigns.parquet"
@@ -58,3 +60,18 @@ def require_dataset(path: str | Path) -> Path:
     if not any((root / IMPRESSIONS_DIR).glob("*.parquet")):
         raise DatasetError(f"{root} is not a Cascade dataset: {IMPRESSIONS_DIR}/ has no parquet")
     return root
+
+
+def write_import_summary(out_dir: Path, counts: dict[str, Any], *, bid_micros: int,
+                         budget_micros: int, schema_sha256: str, seconds: float
+                         ) -> dict[str, Any]:
+    """Write an importer's summary.json: its `counts`, then what every imported dataset says
+    alike (real logs have no oracle; the bid and budget given to every ad and campaign; the
+    schema's hash; the import time). Returns the summary."""
+    summary = {**counts,
+               "oracle": {"ctr_auc": None, "ctr_gauc": None, "cvr_auc": None},
+               "defaults": {"bid_type": "cpc", "bid_micros": bid_micros,
+                            "daily_budget_micros": budget_micros},
+               "schema_sha256": schema_sha256, "seconds": round(seconds, 3)}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -20,7 +20,6 @@ How ratings become ad-serving logs:
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections import defaultdict
@@ -235,11 +234,7 @@ def import_movielens(src: str | Path, out: str | Path) -> dict[str, Any]:
         "cvr": round(conversions / clicks, 6) if clicks else None,
         "labels": {"click": f"rating >= {CLICK_RATING}",
                    "conversion": f"rating >= {CONVERSION_RATING}"},
-        "oracle": {"ctr_auc": None, "ctr_gauc": None, "cvr_auc": None},
-        "defaults": {"bid_type": "cpc", "bid_micros": DEFAULT_BID_MICROS,
-                     "daily_budget_micros": DEFAULT_BUDGET_MICROS},
-        "schema_sha256": schema.sha256,
-        "seconds": round(time.perf_counter() - started, 3),
     }
-    (out_dir / layout.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return layout.write_import_summary(
+        out_dir, summary, bid_micros=DEFAULT_BID_MICROS, budget_micros=DEFAULT_BUDGET_MICROS,
+        schema_sha256=schema.sha256, seconds=time.perf_counter() - started)
