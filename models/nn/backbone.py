@@ -165,14 +165,15 @@ class DinBackbone(_RankingInputs):
         user_rows = {name: _column(user, name, 1) for name in self.user_names}
         hist_rows = {name: user[name].reshape(-1) for name in self.behaviour_names}
         ad_rows = {name: _column(candidates, name, n) for name in self.ad_names}
+        # a request-level scene value ([1], the served case) is embedded once, then broadcast
         scene_rows = {
-            name: _column(candidates if name in candidates else user, name, n)
+            name: _values(candidates if name in candidates else user, name, n)
             for name in self.scene_names
         }
         embs = self.embeddings.lookup(user_rows, self.user_names)
+        embs.update(self.embeddings.lookup(scene_rows, self.scene_names))
         embs = {k: v.expand(n, -1) for k, v in embs.items()}
         embs.update(self.embeddings.lookup(ad_rows, self.ad_names))
-        embs.update(self.embeddings.lookup(scene_rows, self.scene_names))
         hist_embs = self.embeddings.lookup(hist_rows, self.behaviour_names)
         hist = self._cat(hist_embs, self.behaviour_names)
         mask = self.embeddings.sequence_mask(hist_rows)
@@ -195,11 +196,14 @@ class SumPoolBackbone(_RankingInputs):
 
 def _column(source: Batch, name: str, n: int) -> torch.Tensor:
     """A scalar feature as [n]: a [1] value is broadcast (request-level context)."""
+    return _values(source, name, n).expand(n)
+
+
+def _values(source: Batch, name: str, n: int) -> torch.Tensor:
+    """A scalar feature's values as given: [1] (request-level) or [n] (per candidate)."""
     if name not in source:
         raise KeyError(f"missing feature '{name}'")
     values = source[name].reshape(-1)
-    if values.shape[0] == n:
+    if values.shape[0] in (1, n):
         return values
-    if values.shape[0] == 1:
-        return values.expand(n)
     raise ValueError(f"feature '{name}' has {values.shape[0]} values, expected 1 or {n}")
