@@ -188,8 +188,7 @@ DATASET_TITLES = {"datasets": "The same defaults on other data",
 def datasets(args: argparse.Namespace) -> None:
     """DIN+ESMM against its baselines on several datasets, each trained with default flags:
     the models issue's "beats qscore, dqm and base on CTR AUC and GAUC" goal, per dataset."""
-    title = DATASET_TITLES.get(args.block, "The same defaults on other data")
-    lines = [f"### {title}", "", f"`{args.command}` on {machine()}:", "",
+    lines = [f"### {DATASET_TITLES[args.block]}", "", f"`{args.command}` on {machine()}:", "",
              "| data | test rows | metric | oracle | din_esmm | " + " | ".join(BASELINES)
              + " | DIN+ESMM ahead of all three |", "|---|---:|---|---:|---:|"
              + "---:|" * len(BASELINES) + "---|"]

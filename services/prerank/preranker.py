@@ -136,7 +136,6 @@ class NumpyInterestMatch:
             else:
                 self._place.append(slice(width, width + table.shape[1]))
                 width += table.shape[1]
-        self.width, self.n_codes = width, codes
         self._unit = [_normalised(t) if by_code else None
                       for t, by_code in zip(self._tables, self.by_code, strict=True)]
 
