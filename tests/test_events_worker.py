@@ -124,6 +124,35 @@ async def test_crashed_worker_entries_are_reclaimed_and_applied_once(store: Onli
     assert await rescuer.process_batch(100) == 0  # acked: never delivered again
 
 
+async def test_a_batch_that_fails_part_way_is_finished_on_the_next_pass(
+        store: OnlineStore) -> None:
+    """A dropped connection mid-batch (here: the third ack) leaves the rest of the batch pending
+    for this worker; the next pass handles it at once, not after `reclaim_idle_ms`, and the
+    entry that was applied but not acked is not applied twice."""
+    await store.put_campaigns([Campaign(CAMPAIGN, 1, 1_000_000, "active")])
+    worker = worker_for(store, idle_ms=3_600_000)
+    acks = 0
+    real_ack = worker.events.ack
+
+    async def ack_dropping_the_third(group, entry_ids):
+        nonlocal acks
+        acks += 1
+        if acks == 3:
+            raise ConnectionError("Connection closed by server.")
+        return await real_ack(group, entry_ids)
+
+    worker.events.ack = ack_dropping_the_third
+    for i in range(5):
+        await worker.events.append(ev(f"c{i}", EventType.CLICK, request_id=f"r{i}", price=1_000))
+    with pytest.raises(ConnectionError):
+        await worker.process_batch(100)
+    assert await store.get_spend([CAMPAIGN], DAY) == {CAMPAIGN: 3_000}
+    assert await worker.process_batch(100) == 3  # the unacked third, then the two never handled
+    assert await store.get_spend([CAMPAIGN], DAY) == {CAMPAIGN: 5_000}
+    assert worker.stats.repeated == 1 and worker.stats.applied == 5
+    assert await worker.events.pending(worker.config.group) == 0
+
+
 async def test_run_forever_consumes_until_stopped(store: OnlineStore) -> None:
     await store.put_campaigns([Campaign(CAMPAIGN, 1, 1_000_000, "active")])
     worker = worker_for(store)

@@ -2,7 +2,10 @@
 
 It consumes the event log through a consumer group, so several workers share the load and an
 entry stays pending until a worker acks it. Each pass first reclaims entries that another
-(crashed) consumer left pending for longer than `reclaim_idle_ms`, then reads new ones.
+(crashed) consumer left pending for longer than `reclaim_idle_ms`, then reads new ones. When a
+batch fails part-way (the store dropped a connection), the entries it had read but not acked are
+handled again first on the next pass, a second later, rather than after `reclaim_idle_ms`: they
+are this worker's own, and applying is exactly-once per slot, so a retry never double counts.
 
 Per event (the token's claims say which slot it is about; its `ts_ms` says which UTC day):
 
@@ -92,6 +95,7 @@ class EventWorker:
         self.config = config or WorkerConfig()
         self.stats = WorkerStats()
         self._group_ready = False
+        self._unfinished: list[Delivery] = []  # read by a batch that failed, not acked yet
         # On Redis, claim + effects + label run as one script (services/gateway/apply_redis.py)
         self._atomic = RedisApplier(store, labels) if RedisApplier.usable(store, labels) else None
         self.last_ok = time.monotonic()  # when a batch last completed (worker lag, /readyz)
@@ -125,15 +129,22 @@ class EventWorker:
         await self._ensure_group()
         cfg = self.config
         limit = max_events or cfg.batch
-        deliveries = await self.events.reclaim(cfg.group, cfg.consumer, cfg.reclaim_idle_ms,
-                                               limit)
+        deliveries = list(self._unfinished)  # kept until handled, if reading fails first
+        if len(deliveries) < limit:
+            deliveries += await self.events.reclaim(cfg.group, cfg.consumer,
+                                                    cfg.reclaim_idle_ms, limit - len(deliveries))
         if len(deliveries) < limit:
             deliveries += await self.events.read(cfg.group, cfg.consumer,
                                                  limit - len(deliveries), block_ms)
-        for delivery in deliveries:
-            await self._handle(delivery)
-            # Ack each entry as soon as it is applied, so a crash re-delivers as little as can be.
-            await self.events.ack(cfg.group, [delivery.entry_id])
+        for done, delivery in enumerate(deliveries):
+            try:
+                await self._handle(delivery)
+                # Ack each entry as soon as it is applied: a crash re-delivers as little as can be.
+                await self.events.ack(cfg.group, [delivery.entry_id])
+            except BaseException:
+                self._unfinished = deliveries[done:]
+                raise
+        self._unfinished = []
         return len(deliveries)
 
     async def run_forever(self, stop: asyncio.Event) -> None:
