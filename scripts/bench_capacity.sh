@@ -3,7 +3,8 @@
 #   1. embedded (`cascade serve all`, one worker per core, Redis store): open-loop step run,
 #      --feedback 0 capacity plus the feedback figure, and the HTTP ceiling served the same way;
 #   2. overload: ONE worker pinned to core 0 (Locust on the others), CASCADE_BUDGET_MS=25:
-#      its capacity by a step run, then 3x that rate offered open-loop;
+#      its capacity by a step run, then 3x that rate offered open-loop (OVERLOAD_RPS: a fixed
+#      rate instead, to compare two settings, e.g. CASCADE_STAGE_NICE, at the same load);
 #   3. the distributed stack (gateway + 3 stage services + the same Redis): step run.
 # Needs a marketplace already in Redis (`cascade load-store --data DATA`) and its bundle.
 #
@@ -69,7 +70,7 @@ for part in "${parts[@]}"; do
         --seconds 12 --budget-ms 30 --feedback 0
       capacity=$("$bin/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['achieved_rps'])" \
         "$out/single/summary.json")
-      rate=$("$bin/python" -c "print(round(3 * $capacity, 1))")
+      rate=${OVERLOAD_RPS:-$("$bin/python" -c "print(round(3 * $capacity, 1))")}
       echo "one worker's capacity: $capacity rps; offering $rate rps"
       bench overload "1-$(($(nproc) - 1))" --rps "$rate" --seconds 20 --feedback 0
       stop ;;

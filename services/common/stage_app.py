@@ -55,6 +55,7 @@ from services.common.telemetry import (
     READYZ_ROUTE,
     StageMetrics,
 )
+from services.common.threads import lower_this_thread_once, stage_nice
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ class StageRuntime:
         self.limits = limits or StageLimits()
         self.metrics = metrics or StageMetrics(name)
         self.limiter = anyio.CapacityLimiter(self.limits.threads)
+        self.thread_nice = stage_nice()  # stage threads run below the event loop (threads.py)
         self.load_error: str | None = None
         self._state: StageState | None = None
         self._reload_lock = threading.Lock()
@@ -304,6 +306,7 @@ class StageRuntime:
         timing: dict[str, float] = {}
 
         def work() -> wire.WireModel:
+            lower_this_thread_once(self.thread_nice)
             started = time.perf_counter()
             timing["queue"] = started - submitted
             if deadline.expired:  # waited too long for a thread: nobody wants the answer

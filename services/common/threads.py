@@ -18,6 +18,7 @@ for OpenBLAS to split it over both threads, and the second thread spun after eve
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -44,3 +45,51 @@ def native_pools(info: list[dict[str, Any]] | None = None) -> list[dict[str, Any
         info = threadpool_info()
     return [{"internal_api": pool["internal_api"], "num_threads": int(pool["num_threads"]),
              "filepath": os.path.basename(pool["filepath"])} for pool in info]
+
+
+STAGE_NICE_ENV = "CASCADE_STAGE_NICE"
+DEFAULT_STAGE_NICE = 10
+
+
+def stage_nice() -> int:
+    """How much lower than the event loop a stage thread runs (`CASCADE_STAGE_NICE`, 0: same)."""
+    raw = os.environ.get(STAGE_NICE_ENV, str(DEFAULT_STAGE_NICE))
+    try:
+        nice = int(raw)
+    except ValueError:
+        raise ValueError(f"{STAGE_NICE_ENV} must be an integer 0-19, got {raw!r}") from None
+    if not 0 <= nice <= 19:
+        raise ValueError(f"{STAGE_NICE_ENV} must be an integer 0-19, got {raw!r}")
+    return nice
+
+
+def lower_this_thread(nice: int | None = None) -> int:
+    """Run the calling thread `nice` steps below the process (a thread-pool initializer).
+
+    Why: a worker's event loop and its stage threads share the worker's core. When they have
+    the same priority, the kernel gives the loop about half the core while a stage computes, so
+    a new request (or the 503 that sheds it) waits in the socket for the loop's turn. Below the
+    loop, a stage thread yields the core as soon as the loop has work: parsing, admission,
+    shedding and the loop's own short steps go first; the stages get every cycle the loop leaves.
+    Linux only (a thread id is a task there); elsewhere, or unpermitted, nothing changes.
+    Returns the niceness applied (0 when none)."""
+    nice = stage_nice() if nice is None else nice
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError:
+        return 0
+    return nice
+
+
+_LOWERED = threading.local()
+
+
+def lower_this_thread_once(nice: int) -> None:
+    """`lower_this_thread(nice)` the first time a (reused) pool thread calls it: for pools that
+    take no initializer, such as anyio's worker threads."""
+    if not getattr(_LOWERED, "done", False):
+        lower_this_thread(nice)
+        _LOWERED.done = True
