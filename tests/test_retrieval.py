@@ -9,6 +9,7 @@ import pytest
 
 from services.retrieval.index import build_index, build_value_index, normalize
 from services.retrieval.recall import (
+    PROBE_DEPTH,
     AdCatalog,
     ChannelQuotas,
     Recall,
@@ -28,14 +29,15 @@ ANN_ONLY = ChannelQuotas(category=0.0, high_value=0.0, new=0.0)
 def test_fetch_holds_k_eligible_under_random_eligibility_with_less_than_a_flat_margin(share):
     """The binomial slack of `fetch_for`: K eligible among the fetched results in all but a
     few of 20,000 draws, asking for less than the flat 1.25 x K / share it replaced; the
-    lists searched (`probe_depth`) keep that flat scale."""
+    lists searched (`probe_depth`) scale with K / share x PROBE_DEPTH."""
     total, k = 1_000_000, 2000
     eligible = int(share * total)
     fetch = fetch_for(k, total, eligible)
     draws = np.random.default_rng(0).binomial(fetch, eligible / total, 20_000)
     assert (draws >= k).mean() > 0.999
     assert fetch < 1.25 * k * total / eligible
-    assert probe_depth(k, total, eligible) == int(np.ceil(1.25 * k * total / eligible)) + 16
+    assert probe_depth(k, total, eligible) == \
+        int(np.ceil(PROBE_DEPTH * k * total / eligible)) + 16
     assert fetch_for(k, 1500, 1500) == 1500  # never more than the catalog
 
 
