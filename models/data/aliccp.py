@@ -17,8 +17,8 @@ Mapping onto models/data/layout.py:
   that keeps Ali-CCP's own split (summary.json records `split: "aliccp"`);
 - a conversion without a click (a data error) is dropped to 0, since conversion implies click;
 - true_pctr / true_pcvr are NaN: real logs have no oracle;
-- bids are not in the logs: every ad is CPC with DEFAULT_BID_MICROS, every shop is one campaign
-  with DEFAULT_BUDGET_MICROS, so the serving path can run on imported data.
+- bids are not in the logs: every ad is CPC with `layout.IMPORT_BID_MICROS`, every shop is one
+  campaign with `layout.IMPORT_BUDGET_MICROS`, so the serving path can run on imported data.
 
 Files are streamed line by line and written in Parquet parts of CHUNK_ROWS rows; only the
 common-feature index of the current split, the users and the ad catalog stay in memory.
@@ -42,8 +42,6 @@ from models.data import layout
 SCHEMA_PATH = Path(__file__).with_name("aliccp_schema.yaml")
 SPLITS = ("train", "test")
 CHUNK_ROWS = 500_000
-DEFAULT_BID_MICROS = 1_000_000  # 1.00 per click for every imported ad
-DEFAULT_BUDGET_MICROS = 1_000_000_000  # 1000.00 a day for every imported shop's campaign
 USER_FIELDS = {  # Ali-CCP field id -> users.parquet column (and schema feature)
     b"121": "segment_id", b"122": "group_id", b"124": "gender_id", b"125": "age_level",
     b"126": "consume_level", b"127": "shopping_level", b"128": "occupation",
@@ -242,7 +240,7 @@ class _Importer:
             "category_id": attrs[:, 1], "category_l1": np.zeros(n, np.int64),
             "brand_id": attrs[:, 2], "price_micros": np.zeros(n, np.int64),
             "price_bucket": np.zeros(n, np.int64), "bid_type": pa.array(["cpc"] * n),
-            "bid_micros": np.full(n, DEFAULT_BID_MICROS, np.int64),
+            "bid_micros": np.full(n, layout.IMPORT_BID_MICROS, np.int64),
             "target_cpa_micros": np.zeros(n, np.int64),
             "scenes": pa.array([scenes] * n, type=pa.list_(pa.string())),
             "creative_id": pa.array([f"aliccp-{a}" for a in ad_ids.tolist()]),
@@ -251,7 +249,7 @@ class _Importer:
         shop_ids = np.unique(shops[shops >= 0])
         pq.write_table(pa.table({
             "campaign_id": shop_ids, "advertiser_id": shop_ids,
-            "daily_budget_micros": np.full(len(shop_ids), DEFAULT_BUDGET_MICROS, np.int64),
+            "daily_budget_micros": np.full(len(shop_ids), layout.IMPORT_BUDGET_MICROS, np.int64),
             "status": pa.array(["active"] * len(shop_ids)),
         }), self.out / layout.CAMPAIGNS_FILE)
 
@@ -313,5 +311,4 @@ def import_aliccp(src: str | Path, out: str | Path, max_samples: int | None = No
                               "cvr": _rate(c.conversions, clicks)}},
     }
     return layout.write_import_summary(
-        out_dir, summary, bid_micros=DEFAULT_BID_MICROS, budget_micros=DEFAULT_BUDGET_MICROS,
-        schema_sha256=schema.sha256, seconds=time.perf_counter() - started)
+        out_dir, summary, schema_sha256=schema.sha256, seconds=time.perf_counter() - started)

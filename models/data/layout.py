@@ -62,16 +62,21 @@ def require_dataset(path: str | Path) -> Path:
     return root
 
 
-def write_import_summary(out_dir: Path, counts: dict[str, Any], *, bid_micros: int,
-                         budget_micros: int, schema_sha256: str, seconds: float
-                         ) -> dict[str, Any]:
+# Real logs carry no bids: an importer makes every ad CPC at this bid and every campaign this
+# daily budget, so the serving path can run on imported data.
+IMPORT_BID_MICROS = 1_000_000  # 1.00 per click
+IMPORT_BUDGET_MICROS = 1_000_000_000  # 1000.00 a day
+
+
+def write_import_summary(out_dir: Path, counts: dict[str, Any], *, schema_sha256: str,
+                         seconds: float) -> dict[str, Any]:
     """Write an importer's summary.json: its `counts`, then what every imported dataset says
     alike (real logs have no oracle; the bid and budget given to every ad and campaign; the
     schema's hash; the import time). Returns the summary."""
     summary = {**counts,
                "oracle": {"ctr_auc": None, "ctr_gauc": None, "cvr_auc": None},
-               "defaults": {"bid_type": "cpc", "bid_micros": bid_micros,
-                            "daily_budget_micros": budget_micros},
+               "defaults": {"bid_type": "cpc", "bid_micros": IMPORT_BID_MICROS,
+                            "daily_budget_micros": IMPORT_BUDGET_MICROS},
                "schema_sha256": schema_sha256, "seconds": round(seconds, 3)}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -15,7 +15,7 @@ How ratings become ad-serving logs:
 - the split is global by time: ratings before the 80% quantile of time train (validation is
   then the latest 10% of them), the rest test (`split` column, summary `split: "time80"`);
 - there is no oracle (true_pctr / true_pcvr are NaN), and every movie is its own CPC campaign
-  with DEFAULT_BID_MICROS, so the serving path can run on it too.
+  with `layout.IMPORT_BID_MICROS`, so the serving path can run on it too.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ TRAIN_SHARE = 0.8  # of ratings by time
 GENRES = 19  # u.item's genre flags (the first is "unknown")
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens 1M's age groups: <18, 18-24, ..., 56+
 FIRST_DECADE = 1920
-DEFAULT_BID_MICROS = 1_000_000
-DEFAULT_BUDGET_MICROS = 1_000_000_000
 SCENE = "movies"
 
 
@@ -210,7 +208,8 @@ def import_movielens(src: str | Path, out: str | Path) -> dict[str, Any]:
         "category_id": np.array([items[a][0] for a in ad_ids.tolist()], np.int64),
         "category_l1": np.zeros(m, np.int64), "brand_id": np.zeros(m, np.int64),
         "price_micros": np.zeros(m, np.int64), "price_bucket": np.zeros(m, np.int64),
-        "bid_type": pa.array(["cpc"] * m), "bid_micros": np.full(m, DEFAULT_BID_MICROS, np.int64),
+        "bid_type": pa.array(["cpc"] * m),
+        "bid_micros": np.full(m, layout.IMPORT_BID_MICROS, np.int64),
         "target_cpa_micros": np.zeros(m, np.int64),
         "scenes": pa.array([[SCENE]] * m, type=pa.list_(pa.string())),
         "creative_id": pa.array([f"movielens-{a}" for a in ad_ids.tolist()]),
@@ -219,7 +218,7 @@ def import_movielens(src: str | Path, out: str | Path) -> dict[str, Any]:
         out_dir / layout.ADS_FILE)
     pq.write_table(pa.table({
         "campaign_id": ad_ids, "advertiser_id": ad_ids,
-        "daily_budget_micros": np.full(m, DEFAULT_BUDGET_MICROS, np.int64),
+        "daily_budget_micros": np.full(m, layout.IMPORT_BUDGET_MICROS, np.int64),
         "status": pa.array(["active"] * m)}), out_dir / layout.CAMPAIGNS_FILE)
     shutil.copyfile(SCHEMA_PATH, out_dir / layout.SCHEMA_FILE)
 
@@ -235,5 +234,4 @@ def import_movielens(src: str | Path, out: str | Path) -> dict[str, Any]:
                    "conversion": f"rating >= {CONVERSION_RATING}"},
     }
     return layout.write_import_summary(
-        out_dir, summary, bid_micros=DEFAULT_BID_MICROS, budget_micros=DEFAULT_BUDGET_MICROS,
-        schema_sha256=schema.sha256, seconds=time.perf_counter() - started)
+        out_dir, summary, schema_sha256=schema.sha256, seconds=time.perf_counter() - started)

@@ -63,7 +63,7 @@ def stage_nice() -> int:
     return nice
 
 
-def lower_this_thread(nice: int | None = None) -> int:
+def lower_this_thread(nice: int) -> int:
     """Run the calling thread `nice` steps below the process (a thread-pool initializer).
 
     Why: a worker's event loop and its stage threads share the worker's core. When they have
@@ -73,7 +73,6 @@ def lower_this_thread(nice: int | None = None) -> int:
     shedding and the loop's own short steps go first; the stages get every cycle the loop leaves.
     Linux only (a thread id is a task there); elsewhere, or unpermitted, nothing changes.
     Returns the niceness applied (0 when none)."""
-    nice = stage_nice() if nice is None else nice
     if nice <= 0 or not hasattr(os, "setpriority"):
         return 0
     try:
