@@ -32,6 +32,8 @@ TRIALS: dict[str, dict[str, Any]] = {
     "mba_lambda=1e-2": {"mba_lambda": 1e-2},
     "sparse_lr=5e-4": {"fit": {"sparse_lr": 5e-4}},
     "sparse_lr=2e-4": {"fit": {"sparse_lr": 2e-4}},
+    "sparse_lr=5e-3": {"fit": {"sparse_lr": 5e-3}},
+    "sparse_lr=1e-2": {"fit": {"sparse_lr": 1e-2}},
     "lr=5e-3+sparse_lr=5e-4": {"fit": {"lr": 5e-3, "sparse_lr": 5e-4}},
     "adagrad_lr=0.02": {"fit": {"sparse_optimizer": "adagrad", "sparse_lr": 0.02}},
     "adagrad_lr=0.05": {"fit": {"sparse_optimizer": "adagrad", "sparse_lr": 0.05}},
@@ -47,6 +49,10 @@ TRIALS: dict[str, dict[str, Any]] = {
     "attention_softmax": {"config": {"attention_softmax": True}},
     "interest_match": {"config": {"interest_match": True}},
     "no_interest_match": {"config": {"interest_match": False}},
+    "no_ad_offsets": {"config": {"ad_offsets": False}},
+    "no_ad_offsets+no_interest_match": {"config": {"ad_offsets": False, "interest_match": False}},
+    "dropout=0.2+sparse_lr=1e-2": {"config": {"dropout": 0.2}, "fit": {"sparse_lr": 1e-2}},
+    "patience=6": {"fit": {"patience": 6}},
     "cvr_click_weight=0.5": {"config": {"cvr_click_weight": 0.5}},
     "cvr_click_weight=1": {"config": {"cvr_click_weight": 1.0}},
     "cvr_click_weight=3": {"config": {"cvr_click_weight": 3.0}},
@@ -69,6 +75,7 @@ def run_trial(data: Path, options: TrainOptions) -> dict[str, Any]:
         writer.abort()
     return {"seconds": round(time.time() - started, 1),
             "models": {name: {"metrics": e.get("metrics", {}), "best_step": e.get("best_step"),
+                              "history": e.get("history"),
                               "steps": e.get("steps")} for name, e in entries.items()}}
 
 

@@ -99,6 +99,30 @@ def test_published_rankers_are_calibrated_on_the_validation_rows(tiny_data, trai
             pytest.approx(1.0, abs=0.01)
 
 
+
+def test_the_published_ranker_serves_the_counted_ad_offsets_at_their_fitted_weight(
+        tiny_data, trained):
+    """Each head's third calibration number c >= 0 is the weight of the ads' counted log-odds
+    (training rows only) that the published DIN+ESMM adds to its logit."""
+    import torch
+
+    from models.train.calibrate import count_offsets
+    from models.train.trainer import split_of
+
+    bundle = read_bundle(trained)
+    entry = bundle.model_entry("din_esmm")
+    log = load_encoded_log(tiny_data, bundle.schema)
+    train, _, _ = split_of(bundle.manifest).indices(log)
+    counted = count_offsets(log.features["ad_id"][train], log.click[train],
+                            log.conversion[train], bundle.schema["ad_id"].rows)
+    served = load_model(bundle, "din_esmm").ad_offsets.offsets
+    for column, head in enumerate(("ctr", "cvr")):
+        weight = entry["calibration"][head][2]
+        assert weight >= 0.0
+        want = (weight * counted[column]).float()
+        want[0] = 0.0
+        torch.testing.assert_close(served[:, column], want, atol=1e-5, rtol=1e-4)
+
 def test_eval_has_the_contract_keys(metrics):
     ctr_keys = {"ctr_auc", "ctr_gauc", "logloss", "calibration"}
     cvr_keys = {"cvr_auc", "cvr_fidelity", "cvr_calibration"}

@@ -66,7 +66,7 @@ class RankerConfig(JsonConfig):
 
     kind: ClassVar[str] = "ranker"
     absent_means: ClassVar[dict[str, Any]] = {"interest_match": False,  # bundles before them
-                                              "cvr_click_weight": 0.0}
+                                              "cvr_click_weight": 0.0, "ad_offsets": False}
     attention_hidden: tuple[int, ...] = (32, 16)
     attention_activation: str = "dice"
     attention_softmax: bool = False
@@ -79,6 +79,9 @@ class RankerConfig(JsonConfig):
     # DIN+ESMM: weight of the clicked rows' direct CVR loss beside the entire-space one
     # (models.nn.din_esmm.clicked_cvr_loss); 0 is pure ESMM. Ignored by the baselines.
     cvr_click_weight: float = 0.0
+    # DIN+ESMM: a per-ad offset on both heads' logits, the ads' counted log-odds weighted by
+    # a fit on the validation rows (models.nn.din_esmm.AdOffsets). Ignored by the baselines.
+    ad_offsets: bool = True
 
     def __post_init__(self) -> None:
         self._check_hidden("attention_hidden", self.attention_hidden)

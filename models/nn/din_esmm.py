@@ -68,6 +68,27 @@ def heads_output(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> dict[str, 
     }
 
 
+class AdOffsets(nn.Module):
+    """Per ad-id row, a fixed offset added to the CTR and the CVR logit (a [rows, 2] buffer).
+
+    Why: what carries over to new users and later days is largely each ad's own appeal, which
+    counting measures directly (Qscore's smoothed CTR) and the network reaches only through
+    the ad's embedding, trained for as long as validation allows. The trainer fits, on the
+    validation rows, how much of the ads' counted log-odds to add to the network's logits
+    (`models.train.calibrate.fit_blend`) and stores the weighted offsets here; where the counts
+    add nothing the weight is ~0. It is not trained by gradient: learning a free offset per ad
+    id overfits the few impressions most ads have (measured on the simulator's `small`).
+    """
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.register_buffer("offsets", torch.zeros(rows, 2))
+
+    def forward(self, ad_rows: torch.Tensor) -> torch.Tensor:
+        """[N, 2] (CTR, CVR) for the ad-id rows [N]."""
+        return self.offsets[ad_rows.reshape(-1)]
+
+
 class DinEsmm(nn.Module):
     """DIN backbone (embeddings + activation unit) shared by a CTR and a CVR Dice tower.
 
@@ -86,19 +107,32 @@ class DinEsmm(nn.Module):
         width = self.backbone.out_dim
         self.ctr_tower = MLP(width, cfg.tower_hidden, cfg.tower_activation, cfg.dropout, 1)
         self.cvr_tower = MLP(width, cfg.tower_hidden, cfg.tower_activation, cfg.dropout, 1)
+        self.ad_offsets = AdOffsets(schema["ad_id"].rows) if cfg.ad_offsets else None
 
     def init_base_rates(self, ctr: float, cvr: float) -> None:
         """Start both towers at the data's CTR and CVR (see `MLP.init_output_bias`)."""
         self.ctr_tower.init_output_bias(log_odds(ctr))
         self.cvr_tower.init_output_bias(log_odds(cvr))
 
-    def _heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        return heads_output(
-            self.ctr_tower(features).squeeze(-1), self.cvr_tower(features).squeeze(-1)
-        )
+    def _heads(self, features: torch.Tensor, ads: Batch) -> dict[str, torch.Tensor]:
+        ctr = self.ctr_tower(features).squeeze(-1)
+        cvr = self.cvr_tower(features).squeeze(-1)
+        if self.ad_offsets is not None:
+            offsets = self.ad_offsets(ads["ad_id"])
+            ctr, cvr = ctr + offsets[:, 0], cvr + offsets[:, 1]
+        return heads_output(ctr, cvr)
+
+    @torch.no_grad()
+    def set_ad_offsets(self, head: str, offsets: torch.Tensor) -> None:
+        """Serve `offsets` [ad_id rows] on `head` ("ctr" or "cvr"); the pad row stays 0."""
+        if self.ad_offsets is None:
+            raise RuntimeError("this model was built without ad_offsets")
+        column = self.ad_offsets.offsets[:, ("ctr", "cvr").index(head)]
+        column.copy_(offsets.to(column.dtype))
+        column[0] = 0.0
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self._heads(self.backbone(batch))
+        return self._heads(self.backbone(batch), batch)
 
     def loss(
         self, out: dict[str, torch.Tensor], click: torch.Tensor, conversion: torch.Tensor
@@ -137,5 +171,5 @@ class DinEsmm(nn.Module):
         """
         if self.training:
             raise RuntimeError("score_candidates needs model.eval() (Dice running statistics)")
-        out = self._heads(self.backbone.candidate_features(user, candidates))
+        out = self._heads(self.backbone.candidate_features(user, candidates), candidates)
         return out["pctr"], out["pcvr"], out["pctcvr"]

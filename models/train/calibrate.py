@@ -11,6 +11,9 @@ It is folded into the tower's last linear layer, so serving, bundles and every r
 model stay as they are.
 
 CVR has a few hundred validation conversions, so only its shift is fitted.
+
+The same fit also weighs a prior the network never read as an input: each ad's counted
+log-odds (`fit_blend`), which DIN+ESMM then serves as fixed per-ad offsets (`AdOffsets`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import math
 import numpy as np
 import torch
 from torch import nn
+
+from models.nn.qscore import Qscore
 
 MIN_POSITIVES = 50  # fewer validation positives than this: leave the head as trained
 _EPS = 1e-7
@@ -34,32 +39,47 @@ def fit_affine(logits: np.ndarray, labels: np.ndarray, *, scale: bool = True,
                iterations: int = 50) -> tuple[float, float]:
     """(a, b) maximising the Bernoulli likelihood of `labels` under sigmoid(a * z + b).
 
-    Newton's method on one or two parameters (the log-likelihood is concave); returns (1, 0)
-    when there are too few positives or negatives to say anything."""
+    Returns (1, 0) when there are too few positives or negatives to say anything."""
+    a, b, _ = fit_blend(logits, labels, None, scale=scale, iterations=iterations)
+    return a, b
+
+
+def fit_blend(logits: np.ndarray, labels: np.ndarray, offsets: np.ndarray | None, *,
+              scale: bool = True, iterations: int = 50) -> tuple[float, float, float]:
+    """(a, b, c) maximising the likelihood of `labels` under sigmoid(a * z + b + c * o).
+
+    `o` is a per-row prior log-odds the network did not see as an input (each ad's counted
+    CTR, `AdOffsets`); c says how much of it to add, and is kept >= 0 (a prior read
+    backwards is no evidence: the fit is redone without it). Without `scale`, a stays 1.
+    Newton's method (the log-likelihood is concave); (1, 0, 0) when there are too few
+    positives or negatives, or the fit breaks or reverses the order (a <= 0)."""
     z = logits.astype(np.float64)
     y = labels.astype(np.float64)
     positives = float(y.sum())
     if positives < MIN_POSITIVES or len(y) - positives < MIN_POSITIVES:
-        return 1.0, 0.0
-    a, b = 1.0, 0.0
+        return 1.0, 0.0, 0.0
+    columns = ([z] if scale else []) + ([offsets.astype(np.float64)] if offsets is not None
+                                        else []) + [np.ones_like(z)]
+    x = np.stack(columns, axis=1)
+    theta = np.zeros(x.shape[1])
+    if scale:
+        theta[0] = 1.0
+    fixed = np.zeros_like(z) if scale else z
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(a * z + b)))
-        w = p * (1 - p)
-        r = y - p
-        if scale:
-            grad = np.array([(r * z).sum(), r.sum()])
-            hess = np.array([[(w * z * z).sum(), (w * z).sum()], [(w * z).sum(), w.sum()]])
-            step = np.linalg.solve(hess + 1e-9 * np.eye(2), grad)
-            a, b = a + step[0], b + step[1]
-        else:
-            step_b = r.sum() / max(w.sum(), 1e-12)
-            b += step_b
-            step = np.array([0.0, step_b])
+        p = 1.0 / (1.0 + np.exp(-(fixed + x @ theta)))
+        hess = (x * (p * (1 - p))[:, None]).T @ x
+        step = np.linalg.solve(hess + 1e-9 * np.eye(len(theta)), x.T @ (y - p))
+        theta += step
         if np.abs(step).max() < 1e-9:
             break
-    if not (math.isfinite(a) and math.isfinite(b)) or a <= 0:
-        return 1.0, 0.0  # an order-reversing or broken fit is no calibration
-    return float(a), float(b)
+    a = float(theta[0]) if scale else 1.0
+    c = float(theta[-2]) if offsets is not None else 0.0
+    b = float(theta[-1])
+    if not all(math.isfinite(v) for v in (a, b, c)) or a <= 0:
+        return 1.0, 0.0, 0.0  # an order-reversing or broken fit is no calibration
+    if c < 0:
+        return (*fit_affine(logits, labels, scale=scale, iterations=iterations), 0.0)
+    return a, b, c
 
 
 def fold_into_output(tower: nn.Module, a: float, b: float) -> None:
@@ -70,3 +90,20 @@ def fold_into_output(tower: nn.Module, a: float, b: float) -> None:
     with torch.no_grad():
         last.weight.mul_(a)
         last.bias.mul_(a).add_(b)
+
+
+def count_offsets(rows: np.ndarray, click: np.ndarray, conversion: np.ndarray, size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior `fit_blend` weighs: per table row (of `size`), the log-odds of its smoothed
+    CTR and CVR minus the prior's. Qscore's empirical-Bayes posterior over impressions ->
+    clicks and clicks -> conversions, so a row with no evidence gets 0 and a well-observed ad
+    about its own rate."""
+    impressions = np.bincount(rows, minlength=size)
+    clicks = np.bincount(rows, weights=click, minlength=size)
+    conversions = np.bincount(rows, weights=click * conversion, minlength=size)
+    out = []
+    for trials, hits in ((impressions, clicks), (clicks, conversions)):
+        prior = Qscore.fit(trials, hits)
+        rate = prior.score(trials, hits)
+        out.append(torch.from_numpy(logits_of(rate) - logits_of(np.array(prior.prior_mean))))
+    return out[0], out[1]

@@ -31,7 +31,7 @@ from models.data.dataset import EncodedLog, dataset_schema, load_encoded_log, op
 from models.features import FeatureSchema
 from models.nn import Qscore, build_model, default_config, estimate_log_q
 from models.pricing import PRIOR_CVR, qscore_ecpm
-from models.train.calibrate import fit_affine, fold_into_output, logits_of
+from models.train.calibrate import count_offsets, fit_blend, fold_into_output, logits_of
 from models.train.loop import Batch, FitConfig, Progress, fit, predict
 from models.train.metrics import auc, gauc, spearman
 from models.train.rare_ids import RareIds, RareIdSource
@@ -257,11 +257,21 @@ class _Run:
 
     def calibrate(self, name: str, model: torch.nn.Module) -> dict[str, list[float]]:
         """Fit each head's level on the validation rows and fold it into the tower
-        (`models.train.calibrate`); the fitted (a, b) per head go to the manifest."""
+        (`models.train.calibrate`); the fitted (a, b) per head go to the manifest. A model
+        with `AdOffsets` also gets each head's weight c on the ads' counted log-odds
+        (a third number per head), and serves c x those log-odds as its offsets."""
         heads = CALIBRATED.get(name, ())
         idx = self.valid_idx
         if not heads or not self.options.calibrate or len(idx) == 0:
             return {}
+        counted = None
+        if getattr(model, "ad_offsets", None) is not None:
+            for head in heads:  # the network's own logits are what the blend is fitted on
+                model.set_ad_offsets(head, torch.zeros(self.schema["ad_id"].rows))
+            tr = self.train_idx
+            counted = dict(zip(("ctr", "cvr"), count_offsets(
+                self.log.features["ad_id"][tr], self.log.click[tr], self.log.conversion[tr],
+                self.schema["ad_id"].rows), strict=True))
         out = predict(model, lambda m, b: m.predict(b), self.log, idx,
                       self.options.fit.batch_size * 4, self.device)
         clicked = self.log.click[idx] > 0
@@ -271,9 +281,14 @@ class _Run:
         fitted: dict[str, list[float]] = {}
         for head in heads:
             where, labels, scale = rows[head]
-            a, b = fit_affine(logits_of(out["p" + head][where]), labels, scale=scale)
+            prior = None if counted is None else counted[head].numpy()[
+                self.log.features["ad_id"][idx][where]]
+            a, b, c = fit_blend(logits_of(out["p" + head][where]), labels, prior, scale=scale)
             fold_into_output(getattr(model, f"{head}_tower"), a, b)
             fitted[head] = [round(a, 6), round(b, 6)]
+            if counted is not None:
+                model.set_ad_offsets(head, c * counted[head])
+                fitted[head].append(round(c, 6))
         return fitted
 
     def ranker_score(self, model: torch.nn.Module) -> float:
@@ -287,7 +302,7 @@ def _publish(writer: BundleWriter, name: str, model: torch.nn.Module, entry: dic
              run: _Run | None = None) -> None:
     """Save weights (+ ad vectors for the served two-tower and DQM) and the manifest entry;
     a ranker's heads are calibrated on the validation rows first (`_Run.calibrate`)."""
-    if run is not None and name in CALIBRATED:
+    if run is not None and name in CALIBRATED and "calibration" not in entry:
         entry = {**entry, "calibration": run.calibrate(name, model)}
     writer.save_tensors(weights_file(name), model.state_dict())
     entry = {"file": weights_file(name), "config": model.config.to_dict(), **entry}
@@ -315,6 +330,8 @@ def _train_rocket(run: _Run, writer: BundleWriter, ranker: torch.nn.Module | Non
     booster, light = run.build("din_esmm"), run.build("dqm")
     pair = RocketPair(booster, light, run.options.rocket)
     entry = run.fit(ROCKET, pair, run.log, run.train_idx, run.valid_idx, score_as=ROCKET)
+    # calibrated (and blended with the ads' counts) like the separate ranker before comparing
+    calibration = run.calibrate("din_esmm", booster) if "din_esmm" in run.options.models else {}
     shared_score = run.ranker_score(booster)
     separate_score = run.ranker_score(ranker) if ranker is not None else None
     use_shared = separate_score is None or shared_score > separate_score
@@ -327,7 +344,8 @@ def _train_rocket(run: _Run, writer: BundleWriter, ranker: torch.nn.Module | Non
              catalog, ad_ids, info)
     writer.manifest["prerank_model"] = ROCKET
     if use_shared and "din_esmm" in run.options.models:
-        _publish(writer, "din_esmm", booster, {**entry, "training": "rocket", "rocket": rocket},
+        _publish(writer, "din_esmm", booster, {**entry, "training": "rocket", "rocket": rocket,
+                                               "calibration": calibration},
                  catalog, ad_ids, info, run)
     writer.manifest["rocket"] = rocket
     return booster if use_shared or ranker is None else ranker
