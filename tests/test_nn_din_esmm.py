@@ -153,12 +153,17 @@ def test_each_feature_is_embedded_once_per_forward():
 
 
 def test_score_candidates_equals_forward_on_the_expanded_batch():
-    for softmax, match in ((False, False), (True, False), (False, True)):
+    for softmax, match, offsets in ((False, False, False), (True, False, False),
+                                    (False, True, False), (False, True, True)):
         config = RankerConfig(attention_hidden=(8, 4), tower_hidden=(16, 8),
                               attention_softmax=softmax, sparse_embeddings=False,
                               interest_match=match)
         model = _model(config)
         schema = tiny_schema()
+        if offsets:  # per-ad offsets (AdOffsets) read the candidates' ad ids on both paths
+            torch.manual_seed(1)
+            for head in ("ctr", "cvr"):
+                model.set_ad_offsets(head, torch.randn(schema["ad_id"].rows) * 0.5)
         cands = random_batch(schema, size=30, seed=7)
         user_row = random_batch(schema, size=1, length=8, seed=8, min_len=3)
         user = {n: user_row[n] for n in ("age_bucket", "gender", "hist_ad_id",
