@@ -66,7 +66,8 @@ class TrainOptions:
     # Rankers keep their best point by validation AUC (CTR; CVR on clicks for cvr_base)
     # rather than validation loss.
     stop_on_auc: bool = True
-    # Fit each ranker head's level (logit a*z + b) on the validation rows after training.
+    # Fit each ranker head's level (logit a*z + b) on the validation rows after training,
+    # and DIN+ESMM's per-ad offsets' weight c beside it (off: no offsets are served).
     calibrate: bool = True
     # Per-model config overrides (JSON fields of the model's config), e.g. from a tuning run.
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
