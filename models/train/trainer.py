@@ -11,6 +11,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -267,12 +268,8 @@ class _Run:
             return {}
         counted = None
         if getattr(model, "ad_offsets", None) is not None:
-            for head in heads:  # the network's own logits are what the blend is fitted on
-                model.set_ad_offsets(head, torch.zeros(self.schema["ad_id"].rows))
-            tr = self.train_idx
-            counted = dict(zip(("ctr", "cvr"), count_offsets(
-                self.log.features["ad_id"][tr], self.log.click[tr], self.log.conversion[tr],
-                self.schema["ad_id"].rows), strict=True))
+            model.ad_offsets.offsets.zero_()  # the blend is fitted on the network's own logits
+            counted = self.counted_offsets
         out = predict(model, lambda m, b: m.predict(b), self.log, idx,
                       self.options.fit.batch_size * 4, self.device)
         clicked = self.log.click[idx] > 0
@@ -291,6 +288,15 @@ class _Run:
                 model.set_ad_offsets(head, c * counted[head])
                 fitted[head].append(round(c, 6))
         return fitted
+
+    @cached_property
+    def counted_offsets(self) -> dict[str, torch.Tensor]:
+        """Per head, each ad-id row's counted log-odds over the training rows
+        (`count_offsets`): the prior `calibrate` weighs, the same for every ranker."""
+        tr = self.train_idx
+        return dict(zip(("ctr", "cvr"), count_offsets(
+            self.log.features["ad_id"][tr], self.log.click[tr], self.log.conversion[tr],
+            self.schema["ad_id"].rows), strict=True))
 
     def ranker_score(self, model: torch.nn.Module) -> float:
         """DIN+ESMM's validation score (CTR AUC + CTCVR AUC) on the whole validation split."""
