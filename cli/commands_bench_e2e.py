@@ -120,6 +120,10 @@ def bench_e2e(
                f"ms, errors {summary['error_rate']}, shed {summary['shed_rate']}, degraded "
                f"{summary['degraded_share']}, server cpu {summary['cpu_ms_per_request']} "
                f"ms/request -> {out}")
+    by_thread = summary.get("cpu_ms_per_request_by_thread") or {}
+    if by_thread:
+        typer.echo("server cpu by thread, ms/request: " + ", ".join(
+            f"{group} {ms}" for group, ms in by_thread.items()))
     if (summary.get("achieved_rps") or 0) < 0.9 * summary["offered_rps"]:
         typer.echo("achieved rate is short of the offered rate: the server is past capacity")
     if (summary.get("send_lag_p99_ms") or 0) > 10:

@@ -34,7 +34,13 @@ from locust import FastHttpUser, constant, events, task
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # locust -f runs this as a script
-from loadtest.procstat import cpu_seconds, cpu_spent, descendants  # noqa: E402
+from loadtest.procstat import (  # noqa: E402
+    cpu_by_thread,
+    cpu_seconds,
+    cpu_spent,
+    descendants,
+    thread_cpu_seconds,
+)
 from loadtest.records import UNANSWERED, RequestRecord, write_records  # noqa: E402
 from loadtest.report import scrape_all  # noqa: E402
 from loadtest.traffic import Traffic, degraded_stages, feedback_events  # noqa: E402
@@ -61,6 +67,7 @@ class SharedSchedule:
         self.started = Event()
         self.ended_at: float | None = None
         self.cpu_before: tuple[dict[int, float], float] | None = None
+        self.threads_before: dict[tuple[int, int], tuple[str, float]] = {}
         self.cpu: dict = {}
 
     def now(self) -> float:
@@ -70,7 +77,9 @@ class SharedSchedule:
         return descendants(self.server_pids, exclude=[os.getpid()])
 
     def begin(self) -> None:
-        self.cpu_before = (cpu_seconds(self.server_tree()), time.process_time())
+        tree = self.server_tree()
+        self.cpu_before = (cpu_seconds(tree), time.process_time())
+        self.threads_before = thread_cpu_seconds(tree)
         self.start = time.perf_counter() + LEAD_S
         self.started.set()
 
@@ -87,10 +96,14 @@ class SharedSchedule:
             return
         self.ended_at = self.now()
         server_before, loadgen_before = self.cpu_before
-        server_after = cpu_seconds(self.server_tree())
+        tree = self.server_tree()
+        server_after = cpu_seconds(tree)
         self.cpu = {"loadgen_cpu_s": round(time.process_time() - loadgen_before, 4),
                     "server_cpu_s": (round(cpu_spent(server_before, server_after), 4)
                                      if self.server_pids else None),
+                    "server_cpu_s_by_thread": (cpu_by_thread(self.threads_before,
+                                                             thread_cpu_seconds(tree))
+                                               if self.server_pids else {}),
                     "server_pids": sorted(server_after)}
 
     def finish(self, environment) -> None:  # noqa: ANN001 - locust's Environment

@@ -101,6 +101,48 @@ def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
+EVENT_LOOP = "event_loop"  # a process's main thread: where uvicorn runs the event loop
+STAGE_PREFIX = "stage-"  # services.common.threads.STAGE_THREAD_PREFIX
+OTHER = "other"
+
+
+def thread_cpu_seconds(pids: Iterable[int]) -> dict[tuple[int, int], tuple[str, float]]:
+    """Per (pid, thread id) of the live processes: the thread's group and its utime + stime.
+
+    Groups: `event_loop` for each process's main thread, the kernel's name for a thread named
+    `stage-...` (the embedded gateway's stage pools name theirs), `other` for the rest (BLAS
+    and uvloop helpers, short-lived pools)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[tuple[int, int], tuple[str, float]] = {}
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(PROC / str(pid) / "task")]
+        except OSError:
+            continue
+        for tid in tids:
+            task = PROC / str(pid) / "task" / str(tid)
+            try:
+                text = (task / "stat").read_text()
+                name = (task / "comm").read_text().strip()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            group = EVENT_LOOP if tid == pid else name if name.startswith(STAGE_PREFIX) else OTHER
+            out[(pid, tid)] = (group, (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+def cpu_by_thread(before: dict[tuple[int, int], tuple[str, float]],
+                  after: dict[tuple[int, int], tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per thread group between two `thread_cpu_seconds` readings (a new thread
+    counts in full), largest first."""
+    spent: dict[str, float] = {}
+    for key, (group, seconds) in after.items():
+        earlier = before.get(key)
+        spent[group] = spent.get(group, 0.0) + seconds - (earlier[1] if earlier else 0.0)
+    return {g: round(t, 4) for g, t in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
 def server_pids(ports: Iterable[int], explicit: Iterable[int] = ()) -> set[int]:
     """The processes serving `ports` (or the given pids), with their children."""
     roots = set(explicit)

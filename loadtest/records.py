@@ -128,6 +128,8 @@ def cpu_figures(side: Mapping, answered: int) -> dict:
     def per(seconds: float | None) -> float | None:
         return round(1000.0 * seconds / answered, 3) if seconds is not None and answered else None
 
+    by_thread = side.get("server_cpu_s_by_thread") or {}
     return {"cpu_ms_per_request": per(server), "loadgen_cpu_ms_per_request": per(loadgen),
+            "cpu_ms_per_request_by_thread": {group: per(s) for group, s in by_thread.items()},
             "server_cpu_s": server, "loadgen_cpu_s": loadgen,
             "server_pids": side.get("server_pids", [])}

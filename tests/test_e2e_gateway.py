@@ -29,7 +29,7 @@ import httpx
 import pytest
 import redis
 
-from loadtest.procstat import descendants
+from loadtest.procstat import descendants, server_pids, thread_cpu_seconds
 from services.common.store import utc_day
 from services.common.store_load import load_marketplace
 from services.common.store_redis import RedisStore
@@ -162,6 +162,11 @@ def test_embedded_gateway_serves_and_counts_events_once(embedded: str) -> None:
     assert httpx.post(url + "/v1/ads", json={}).status_code == 401
     metrics = httpx.get(url + "/metrics").text
     assert "cascade_gateway_stage_seconds" in metrics
+    # the stage pools' threads carry their stage's name for the kernel, so the load test can
+    # split the server's CPU between the event loop and each stage (loadtest.procstat)
+    groups = {group for group, _ in thread_cpu_seconds(
+        server_pids([int(url.rsplit(":", 1)[1])])).values()}
+    assert {"event_loop", "stage-retrieval", "stage-prerank", "stage-rank"} <= groups
 
 
 @pytest.fixture

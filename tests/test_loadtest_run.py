@@ -168,6 +168,11 @@ def test_run_writes_the_contract_summary_feedback_and_ceiling(tmp_path, gateway,
     # the server is this process; its children (the suite's own redis-servers) count too
     assert summary["server_pids"][0] == os.getpid()
     assert summary["cpu_ms_per_request"] > 0 and summary["loadgen_cpu_ms_per_request"] > 0
+    # ... split by thread: the main threads are the event loops; threads that exited before
+    # the last reading (this stand-in's per-request threads) can only be missing from it
+    by_thread = summary["cpu_ms_per_request_by_thread"]
+    assert "event_loop" in by_thread and set(by_thread) <= {"event_loop", "other"}
+    assert 0 < sum(by_thread.values()) <= summary["cpu_ms_per_request"] + 0.01
     # Capacity run without feedback; the feedback run beside it posts ~1 impression per slot.
     assert summary["events"] == {} and summary["feedback"] == 0
     fed = summary["with_feedback"]

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -178,3 +179,50 @@ def test_the_cli_offers_exactly_the_schedule_arrivals() -> None:
     from loadtest.schedule import ARRIVALS
 
     assert CLI_ARRIVALS == ARRIVALS
+
+
+def test_thread_cpu_is_split_into_the_event_loop_and_named_stage_threads() -> None:
+    """A thread named as the embedded stage pools name theirs counts under its own group, the
+    main thread under event_loop, and a split of the process adds up to its total."""
+    from loadtest.procstat import EVENT_LOOP, cpu_by_thread, thread_cpu_seconds
+    from services.common.threads import init_stage_thread
+
+    pid = os.getpid()
+    before = thread_cpu_seconds([pid])
+    process_before = cpu_seconds([pid])
+
+    burnt, release = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        init_stage_thread("test", 0)
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        burnt.set()
+        release.wait(30)  # alive until read: an exited thread leaves /proc
+
+    worker = threading.Thread(target=burn)
+    worker.start()
+    try:
+        assert burnt.wait(30)
+        end = time.thread_time() + 0.1  # the main thread burns too
+        while time.thread_time() < end:
+            pass
+        after = thread_cpu_seconds([pid])
+    finally:
+        release.set()
+        worker.join()
+    spent = cpu_by_thread(before, after)
+    assert spent["stage-test"] >= 0.25, spent
+    assert spent[EVENT_LOOP] >= 0.05, spent
+    assert {group for group, _ in after.values()} >= {EVENT_LOOP}
+    total = cpu_spent(process_before, cpu_seconds([pid]))
+    assert sum(spent.values()) <= total + 0.05
+
+
+def test_cpu_figures_split_per_thread_group() -> None:
+    side = {"server_cpu_s": 3.0, "server_cpu_s_by_thread": {"event_loop": 1.5, "stage-rank": 1.2},
+            "server_pids": [1]}
+    assert cpu_figures(side, 300)["cpu_ms_per_request_by_thread"] == {
+        "event_loop": 5.0, "stage-rank": 4.0}
+    assert cpu_figures({"server_cpu_s": 1.0}, 10)["cpu_ms_per_request_by_thread"] == {}

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from cli.main import run as cli_run
 from models.data import layout
+from services.common import store_redis
 from services.common.config import Settings
 from services.common.store import Ad, Campaign, UserProfile, make_store
 from services.common.store_load import load_marketplace
@@ -151,6 +152,34 @@ async def test_redis_reads_user_context_in_one_round_trip(redis_url, redis_prefi
     assert redis_client.type(f"{redis_prefix}user:{{42}}") == "hash"
     assert redis_client.lrange(f"{redis_prefix}seq:{{42}}", 0, -1) == ["7:8"]
     assert 0 < redis_client.ttl(f"{redis_prefix}cap:{{42}}:{DAY}") <= 2 * 86_400
+
+
+async def test_clients_pack_commands_with_hiredis_into_the_same_bytes(redis_url,
+                                                                      redis_prefix) -> None:
+    """Every client `store_redis.redis_client` makes packs with hiredis (`packed_by_hiredis`),
+    and the bytes are those redis-py's own packing writes, for every argument type sent."""
+    command = ("XADD", f"{redis_prefix}log", "MAXLEN", "~", 1000, "*", "text", "ü-λ", "int",
+               -3, "big", 10**20, "float", 0.1 + 0.2, "tiny", 1e-7, "raw", b"ok\x01",
+               "view", memoryview(b"abc"), "inf", float("inf"))
+    python_packed = b"".join(aioredis.Connection().pack_command(*command))
+    client = store_redis.redis_client(redis_url, max_connections=4)
+    plain = store_redis.redis_client(redis_url)
+    try:
+        for made in (client, plain):
+            connection_class = made.connection_pool.connection_class
+            assert connection_class.__name__ == "HiredisPackedConnection"
+            assert b"".join(connection_class().pack_command(*command)) == python_packed
+            assert b"".join(connection_class().pack_command("CONFIG GET", "maxmemory")) == \
+                b"".join(aioredis.Connection().pack_command("CONFIG GET", "maxmemory"))
+        await client.execute_command(*command)
+        entry = (await client.xrange(f"{redis_prefix}log"))[0][1]
+        assert entry["text"] == "ü-λ" and entry["big"] == str(10**20)
+        assert float(entry["float"]) == 0.1 + 0.2 and entry["view"] == "abc"
+        assert entry["raw"] == "ok\x01"
+    finally:
+        await client.delete(f"{redis_prefix}log")
+        await client.aclose()
+        await plain.aclose()
 
 
 async def test_make_store_picks_redis_only_when_url_set(redis_url) -> None:

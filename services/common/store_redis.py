@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
@@ -23,6 +24,8 @@ from typing import Any, TypeVar
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import Connection
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.common.store import (
@@ -44,6 +47,7 @@ from services.common.store import (
 )
 
 T = TypeVar("T")
+_HIREDIS_SERIALIZER = HiredisRespSerializer()  # stateless: splits "CONFIG GET", then packs
 
 AD_FIELDS = tuple(f.name for f in fields(Ad) if f.name != "ad_id")
 BULK_READ_MIN = 1000  # below this, a pooled pipeline beats opening a bulk connection
@@ -172,10 +176,31 @@ def redis_client(url: str, *, max_connections: int | None = None,
                               max_connections=max_connections or CLUSTER_MAX_CONNECTIONS,
                               **kwargs)
     if max_connections is None:
-        return aioredis.Redis.from_url(url, **kwargs)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=pool_timeout, **kwargs)
-    return aioredis.Redis(connection_pool=pool)
+        client = aioredis.Redis.from_url(url, **kwargs)
+        pool = client.connection_pool
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_timeout, **kwargs)
+        client = aioredis.Redis(connection_pool=pool)
+    pool.connection_class = packed_by_hiredis(pool.connection_class)  # before any connects
+    return client
+
+
+@functools.cache
+def packed_by_hiredis(base: type[Connection]) -> type[Connection]:
+    """`base` (the pool's asyncio connection class: plain, TLS or Unix socket) packing each
+    command with `hiredis.pack_command`, as redis-py's sync client already does.
+
+    Why: the asyncio client packs every argument in Python. A served-slot record (an XADD of
+    14 fields, one per won slot) took 28 µs to pack that way against 4 µs with hiredis, on the
+    event loop of every request. The bytes are identical (tests/test_store_redis.py)."""
+
+    class HiredisPacked(base):  # type: ignore[misc,valid-type]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            return _HIREDIS_SERIALIZER.pack(*args)
+
+    HiredisPacked.__name__ = HiredisPacked.__qualname__ = f"HiredisPacked{base.__name__}"
+    return HiredisPacked
 
 
 def is_cluster(client: Any) -> bool:

@@ -83,6 +83,30 @@ def lower_this_thread(nice: int) -> int:
     return nice
 
 
+def name_this_thread(name: str) -> bool:
+    """Give the calling thread `name` (at most 15 bytes) as the kernel knows it.
+
+    Why: Python's thread names stay inside the interpreter, and every thread of a worker shows
+    up in /proc as the process's name. Named, the load test can split a worker's CPU by thread
+    (`loadtest.procstat.thread_cpu_seconds`): the event loop against each stage's pool, which
+    a sampling profiler cannot do reliably (it counts uvloop's idle wait as busy). Linux only;
+    False elsewhere or when the kernel refuses."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(name.encode("ascii", "replace")[:15].decode("ascii"))
+    except OSError:
+        return False
+    return True
+
+
+def init_stage_thread(stage: str, nice: int) -> None:
+    """A stage pool's thread initializer: named `stage-<stage>`, and `nice` steps below the
+    event loop (`lower_this_thread`)."""
+    name_this_thread(f"{STAGE_THREAD_PREFIX}{stage}")
+    lower_this_thread(nice)
+
+
+STAGE_THREAD_PREFIX = "stage-"
 _LOWERED = threading.local()
 
 

@@ -47,7 +47,7 @@ from services.common import wire
 from services.common.bundle_guard import bundle_schema_sha256, check_same_schema
 from services.common.deadline import Deadline, DeadlineExceeded
 from services.common.stage_app import pinned_state
-from services.common.threads import lower_this_thread, stage_nice
+from services.common.threads import init_stage_thread, stage_nice
 from services.gateway.breaker import BreakerConfig, BreakerGroup, BreakerOpen, CircuitBreaker
 
 Req = TypeVar("Req", bound=wire.WireModel)
@@ -97,8 +97,8 @@ class LocalStage(Generic[Req, Resp]):
         # half of anyio's to_thread, and it is paid three times per request
         self._executor = ThreadPoolExecutor(max_workers=threads,
                                             thread_name_prefix=f"cascade-{name}",
-                                            initializer=lower_this_thread,
-                                            initargs=(stage_nice(),))
+                                            initializer=init_stage_thread,
+                                            initargs=(name, stage_nice()))
         self._reload_lock = threading.Lock()
         # the schema of the bundle being served, recorded now: `current` may move later
         self.schema_sha256 = bundle_schema_sha256(bundle) if bundle else None
