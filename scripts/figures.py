@@ -265,6 +265,12 @@ def load(args: argparse.Namespace) -> None:
             lines.append("| " + " | ".join(_fmt(step.get(k)) for k in (
                 "offered_rps", "achieved_rps", "p50_ms", "p99_ms", "degraded_share", "shed_rate",
                 "cpu_ms_per_request")) + " |")
+    by_thread = result.get("cpu_ms_per_request_by_thread") or {}
+    if by_thread:
+        lines += ["", "Server CPU per request by thread (ms; `event_loop`: each worker's main "
+                  "thread):", "", "| " + " | ".join(by_thread) + " |",
+                  "|" + "---:|" * len(by_thread),
+                  "| " + " | ".join(_fmt(v) for v in by_thread.values()) + " |"]
     if result.get("stages"):
         lines += ["", "| stage | p50 ms | p99 ms |", "|---|---:|---:|"]
         for name, s in result["stages"].items():
