@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -187,7 +187,7 @@ def redis_client(url: str, *, max_connections: int | None = None,
 
 
 @functools.cache
-def packed_by_hiredis(base: type[Connection]) -> type[Connection]:
+def packed_by_hiredis(base: type[AbstractConnection]) -> type[AbstractConnection]:
     """`base` (the pool's asyncio connection class: plain, TLS or Unix socket) packing each
     command with `hiredis.pack_command`, as redis-py's sync client already does.
 
