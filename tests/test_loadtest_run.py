@@ -171,7 +171,8 @@ def test_run_writes_the_contract_summary_feedback_and_ceiling(tmp_path, gateway,
     # ... split by thread: the main threads are the event loops; threads that exited before
     # the last reading (this stand-in's per-request threads) can only be missing from it
     by_thread = summary["cpu_ms_per_request_by_thread"]
-    assert "event_loop" in by_thread and set(by_thread) <= {"event_loop", "other"}
+    assert "event_loop" in by_thread  # stage-* too where earlier tests left stage pools
+    assert all(g in ("event_loop", "other") or g.startswith("stage-") for g in by_thread)
     assert 0 < sum(by_thread.values()) <= summary["cpu_ms_per_request"] + 0.01
     # Capacity run without feedback; the feedback run beside it posts ~1 impression per slot.
     assert summary["events"] == {} and summary["feedback"] == 0
