@@ -193,7 +193,7 @@ def packed_by_hiredis(base: type[AbstractConnection]) -> type[AbstractConnection
 
     Why: the asyncio client packs every argument in Python. A served-slot record (an XADD of
     14 fields, one per won slot) took 28 µs to pack that way against 4 µs with hiredis, on the
-    event loop of every request. The bytes are identical (tests/test_store_redis.py)."""
+    event loop of every request. The bytes are identical (tests/test_store.py)."""
 
     class HiredisPacked(base):  # type: ignore[misc,valid-type]
         def pack_command(self, *args: Any) -> list[bytes]:
