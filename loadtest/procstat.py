@@ -55,13 +55,20 @@ def listening_pids(port: int) -> set[int]:
     return found
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int, tid: int | None = None) -> list[str] | None:
+    """The fields after the name in /proc/<pid>/stat, or /proc/<pid>/task/<tid>/stat."""
+    path = PROC / str(pid) if tid is None else PROC / str(pid) / "task" / str(tid)
     try:
-        text = (PROC / str(pid) / "stat").read_text()
+        text = (path / "stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     return text[text.rindex(")") + 2:].split()
+
+
+def _cpu(fields: list[str]) -> float:
+    """utime + stime of `_stat_fields`, in seconds (clock-tick resolution)."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def descendants(pids: Iterable[int], exclude: Iterable[int] = ()) -> set[int]:
@@ -87,12 +94,11 @@ def descendants(pids: Iterable[int], exclude: Iterable[int] = ()) -> set[int]:
 
 def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
     """utime + stime per live process, in seconds (clock-tick resolution)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     out = {}
     for pid in pids:
         fields = _stat_fields(pid)
         if fields:
-            out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+            out[pid] = _cpu(fields)
     return out
 
 
@@ -112,7 +118,6 @@ def thread_cpu_seconds(pids: Iterable[int]) -> dict[tuple[int, int], tuple[str, 
     Groups: `event_loop` for each process's main thread, the kernel's name for a thread named
     `stage-...` (the embedded gateway's stage pools name theirs), `other` for the rest (BLAS
     and uvloop helpers, short-lived pools)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     out: dict[tuple[int, int], tuple[str, float]] = {}
     for pid in pids:
         try:
@@ -120,15 +125,15 @@ def thread_cpu_seconds(pids: Iterable[int]) -> dict[tuple[int, int], tuple[str, 
         except OSError:
             continue
         for tid in tids:
-            task = PROC / str(pid) / "task" / str(tid)
+            fields = _stat_fields(pid, tid)
             try:
-                text = (task / "stat").read_text()
-                name = (task / "comm").read_text().strip()
+                name = (PROC / str(pid) / "task" / str(tid) / "comm").read_text().strip()
             except OSError:
                 continue
-            fields = text[text.rindex(")") + 2:].split()
-            group = EVENT_LOOP if tid == pid else name if name.startswith(STAGE_PREFIX) else OTHER
-            out[(pid, tid)] = (group, (int(fields[11]) + int(fields[12])) / ticks)
+            if fields:
+                group = (EVENT_LOOP if tid == pid else
+                         name if name.startswith(STAGE_PREFIX) else OTHER)
+                out[(pid, tid)] = (group, _cpu(fields))
     return out
 
 

@@ -49,6 +49,7 @@ def native_pools(info: list[dict[str, Any]] | None = None) -> list[dict[str, Any
 
 STAGE_NICE_ENV = "CASCADE_STAGE_NICE"
 DEFAULT_STAGE_NICE = 10
+STAGE_THREAD_PREFIX = "stage-"  # loadtest.procstat groups a worker's CPU by it
 
 
 def stage_nice() -> int:
@@ -83,20 +84,19 @@ def lower_this_thread(nice: int) -> int:
     return nice
 
 
-def name_this_thread(name: str) -> bool:
+def name_this_thread(name: str) -> None:
     """Give the calling thread `name` (at most 15 bytes) as the kernel knows it.
 
     Why: Python's thread names stay inside the interpreter, and every thread of a worker shows
     up in /proc as the process's name. Named, the load test can split a worker's CPU by thread
     (`loadtest.procstat.thread_cpu_seconds`): the event loop against each stage's pool, which
     a sampling profiler cannot do reliably (it counts uvloop's idle wait as busy). Linux only;
-    False elsewhere or when the kernel refuses."""
+    elsewhere, or when the kernel refuses, nothing changes."""
     try:
         with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
             comm.write(name.encode("ascii", "replace")[:15].decode("ascii"))
     except OSError:
-        return False
-    return True
+        pass
 
 
 def init_stage_thread(stage: str, nice: int) -> None:
@@ -106,7 +106,6 @@ def init_stage_thread(stage: str, nice: int) -> None:
     lower_this_thread(nice)
 
 
-STAGE_THREAD_PREFIX = "stage-"
 _LOWERED = threading.local()
 
 
